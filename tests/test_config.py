@@ -1,0 +1,61 @@
+import subprocess
+import sys
+
+import pytest
+
+from loqt_ray.cli import main
+from loqt_ray.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, "loqt:\n  rank: 16\n"), ["optim.lr=3e-4", "loqt.targets=[q_proj, v_proj]",
+                                                            "optim.betas=[0.9, 0.95]", "model.path="])
+    assert cfg.loqt.rank == 16 and cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.loqt.targets == ["q_proj", "v_proj"] and cfg.model.path is None
+    assert isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("text,overrides,field,allowed", [
+    ("loqt:\n  rnak: 3\n", [], "loqt.rnak", "allowed keys are method, rank"),
+    ("", ["loqt.rank=0"], "loqt.rank", "positive integer"),
+    ("", ["loqt.rank=abc"], "loqt.rank", "must be an integer"),
+    ("", ["loqt.schedule=cosine"], "loqt.schedule", "static, linear, exponential"),
+    ("", ["loqt.quant_block_size=48"], "loqt.quant_block_size", "32, 64, 128"),
+    ("", ["loqt.refresh_interval=150", "loqt.update_interval=100"], "loqt.refresh_interval", "multiple of update_interval"),
+    ("", ["model.size=2b"], "model.size", "tiny"),
+    ("", ["optim.betas=[0.9]"], "optim.betas", "list of 2"),
+    ("", ["train.steps=-1"], "train.steps", ">= 1"),
+    ("", ["scale.zero_stage=3"], "scale.zero_stage", "ZeRO-3"),
+    ("", ["optim.per_layer=true", "scale.num_workers=2"], "optim.per_layer", "single worker"),
+    ("", ["optim.per_layer=true", "train.grad_accum=4"], "optim.per_layer", "gradient accumulation"),
+    ("model: 3\n", [], "model", "must be a mapping"),
+    ("- a\n- b\n", [], "c.yaml", "top level must be a mapping"),
+    ("a: [\n", [], "c.yaml", "not valid YAML"),
+    ("", ["data.tokenizer=/nonexistent"], "data.tokenizer", "not a directory"),
+])
+def test_bad_values_name_the_field(tmp_path, text, overrides, field, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), overrides)
+    assert str(err.value).startswith(field) or field in str(err.value).split(":")[0]
+    assert allowed in str(err.value)
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    path = write(tmp_path, "loqt:\n  rank: -4\n")
+    assert main(["train", "--config", path, "--set", f"train.output_dir={tmp_path}/runs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "loqt.rank" in err
+    assert not (tmp_path / "runs").exists()  # nothing written before validation passed
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "loqt_ray.cli", "train", "--set", "data.seq_len=4"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("loqt-ray train: error: data.seq_len")

@@ -1,0 +1,19 @@
+import math
+
+from loqt_ray.config import load_config
+
+
+def test_full_rank_training_lowers_validation_loss(data_dir):
+    from loqt_ray.trainer import train
+
+    cfg = load_config(None, [f"data.data_dir={data_dir}", "data.vocab_size=2048", "data.seq_len=128",
+                             "model.size=nano", "loqt.method=full", "optim.lr=3e-3", "optim.warmup_steps=5",
+                             "train.steps=40", "train.micro_batch_size=8", "train.eval_every=20",
+                             "train.eval_tokens=8192", "train.log_every=20"])
+    reports = []
+    final = train(cfg, reports.append)
+    evals = [r for r in reports if "val_ppl" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert evals[-1]["val_ppl"] < evals[0]["val_ppl"] < 2048  # better than uniform, and improving
+    assert math.isclose(final["val_ppl"], math.exp(final["val_loss"]))
+    assert final["tokens"] == 40 * 8 * 128
