@@ -16,8 +16,10 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data import IGNORE_INDEX, PackedSplit, SequenceStream, prepare, val_rows
+from .loqt import apply_loqt, loqt_layers
 from .models import build_model
 from .optim import PerLayerOptimizer, lr_factor, make_optimizer
+from .schedule import UpdateSchedule
 
 Report = Callable[[dict], None]
 
@@ -64,6 +66,13 @@ class PlainEngine:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
 
+    def full_precision(self, param: torch.nn.Parameter) -> torch.Tensor:
+        return param.detach().float()
+
+    def set_param(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            param.copy_(value)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
@@ -78,37 +87,61 @@ class PlainEngine:
         return float(norm)
 
 
+def merge_and_refresh(layers, engine, refresh: bool, compensation_iters: int, world_size: int) -> None:
+    """Merge every LoQT layer (and refresh P on refresh steps), one layer at a time so that
+    only one gradient buffer is being worked on; B goes back through the engine."""
+    for layer in layers:
+        grad = layer.take_gradient() if refresh else None
+        if grad is not None and world_size > 1:  # every rank must compute the same P
+            torch.distributed.all_reduce(grad)
+            grad /= world_size
+        engine.set_param(layer.B, layer.update(engine.full_precision(layer.B), grad, compensation_iters))
+
+
 def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_size: int = 1) -> dict:
     """Train as `cfg` says; return the last metrics (with the final val_ppl)."""
     report = report or (lambda m: None)
     device = torch.device("cuda" if cfg.scale.use_gpu and torch.cuda.is_available() else "cpu")
     data = prepare(cfg.data)
     model = build_model(cfg.model.size, len(data.tokenizer), cfg.model.max_position_embeddings,
-                        seed=cfg.train.seed, path=cfg.model.path).to(device)
+                        seed=cfg.train.seed, path=cfg.model.path)
+    model = apply_loqt(model, cfg.loqt).to(device)
     model.train()
+    layers = [layer for _, layer in loqt_layers(model)]
+    schedule = UpdateSchedule(cfg.loqt, cfg.train.steps)
     engine = PlainEngine(model, cfg)
     stream = SequenceStream(data.train, cfg.train.micro_batch_size, cfg.train.seed, rank, world_size)
     eval_rows = val_rows(data.val, cfg.train.eval_tokens, rank, world_size)
     t = cfg.train
     tokens_per_step = t.micro_batch_size * t.grad_accum * world_size * cfg.data.seq_len
     metrics: dict = {}
-    train_time, losses = 0.0, []
+    train_time, update_time, updates, losses = 0.0, 0.0, 0, []
     for step in range(t.steps):
         start = time.perf_counter()
         lr = cfg.optim.lr * lr_factor(step, t.steps, cfg.optim)
         engine.set_lr(lr)
+        refresh = bool(layers) and schedule.is_refresh(step)
+        if refresh:
+            for layer in layers:
+                layer.start_capture()
         for _ in range(t.grad_accum):
             ids, labels = stream.next_batch()
             loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss / t.grad_accum
             engine.backward(loss)
             losses.append(loss.item() * t.grad_accum)
         engine.step()
+        if layers and schedule.is_update(step):
+            update_start = time.perf_counter()
+            merge_and_refresh(layers, engine, refresh, cfg.loqt.compensation_iters, world_size)
+            update_time += time.perf_counter() - update_start
+            updates += 1
         train_time += time.perf_counter() - start
         last = step + 1 == t.steps
         if (step + 1) % t.log_every == 0 or (step + 1) % t.eval_every == 0 or last:
             metrics = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "lr": lr,
                        "train_loss": sum(losses) / len(losses), "tokens_per_s": (step + 1) * tokens_per_step / train_time,
-                       "epoch": stream.epoch, "memory_mb": peak_memory_mb(device)}
+                       "epoch": stream.epoch, "memory_mb": peak_memory_mb(device), "updates": updates,
+                       "update_time_share": update_time / train_time}
             losses = []
             if (step + 1) % t.eval_every == 0 or last:
                 nll, count = evaluate(model, data.val, eval_rows, t.micro_batch_size, device)

@@ -17,3 +17,20 @@ def test_full_rank_training_lowers_validation_loss(data_dir):
     assert evals[-1]["val_ppl"] < evals[0]["val_ppl"] < 2048  # better than uniform, and improving
     assert math.isclose(final["val_ppl"], math.exp(final["val_loss"]))
     assert final["tokens"] == 40 * 8 * 128
+
+
+def test_loqt_training_merges_on_schedule_even_when_evaluation_coincides(data_dir):
+    from loqt_ray.trainer import train
+
+    cfg = load_config(None, [f"data.data_dir={data_dir}", "data.vocab_size=2048", "data.seq_len=128",
+                             "model.size=nano", "loqt.method=loqt", "loqt.rank=8", "loqt.schedule=static",
+                             "loqt.update_interval=10", "loqt.refresh_interval=20", "optim.lr=3e-3",
+                             "optim.warmup_steps=5", "train.steps=40", "train.micro_batch_size=8",
+                             "train.grad_accum=2", "train.eval_every=10", "train.eval_tokens=4096",
+                             "train.log_every=10"])
+    reports = []
+    train(cfg, reports.append)
+    # merges at steps 0, 10, 20, 30 (0-based), one per interval whatever the evaluations in between
+    assert [r["updates"] for r in reports] == [1, 2, 3, 4]
+    assert reports[-1]["val_ppl"] < reports[0]["val_ppl"]
+    assert 0 < reports[-1]["update_time_share"] < 0.5

@@ -1,0 +1,193 @@
+"""LoQT: a frozen NF4 weight plus a trainable low-rank factor, merged back on a schedule.
+
+    y = x · deq(Wq)ᵀ + s · (B·P applied to x)        s = lora_alpha, as-is
+
+P (frozen, optionally NF4) sits on the smaller side of W (out x in) and B
+(trainable) on the larger one, so optimizer state is 2·max(out, in)·r. P comes
+from the top-r singular vectors of the gradient of W over one optimizer step;
+B starts from LoftQ-style compensation of the quantization error. At a merge,
+W <- NF4(deq W + s·B·P) and B is recompensated (P refreshed or kept).
+
+This module is pure torch + quant.py. The trainer applies the B it returns
+through its engine (which owns the optimizer's fp32 master copy) and
+all-reduces the captured gradients before they reach `LoQTLinear.update`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoQTConfig
+from .quant import NF4Tensor
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """x · Wᵀ for the frozen weight. Nothing dense is saved for backward (W is
+    dequantized again there); on capture steps x is saved and dYᵀ·X is summed
+    into the layer's gradient buffer, since an NF4 tensor cannot hold .grad."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "LoQTLinear", anchor: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.layer, ctx.capture = layer, anchor is not None  # (grad mode is off in here: decide outside)
+        if ctx.capture:
+            ctx.save_for_backward(x)
+        return F.linear(x, layer.dense_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        layer = ctx.layer
+        if ctx.capture:
+            (x,) = ctx.saved_tensors
+            layer.grad_buffer.addmm_(grad_out.reshape(-1, grad_out.shape[-1]).float().T,
+                                     x.reshape(-1, x.shape[-1]).float())
+        grad_x = grad_out @ layer.dense_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+def compensate(w_fp: torch.Tensor, proj: torch.Tensor, scale: float, iters: int, p_is_a: bool,
+               roundtrip) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoftQ-style: find (target, B) so that roundtrip(target) + s·B·P is closest to w_fp.
+
+    Returns the matrix to quantize and B. With iters = 0: (w_fp, 0)."""
+    b_shape = (w_fp.shape[0], proj.shape[0]) if p_is_a else (proj.shape[1], w_fp.shape[1])
+    if iters == 0:
+        return w_fp, w_fp.new_zeros(b_shape)
+    pinv = torch.linalg.pinv(proj)
+    low_rank = (lambda b: b @ proj) if p_is_a else (lambda b: proj @ b)
+    target, best = w_fp, None
+    for _ in range(iters):
+        deq = roundtrip(target)
+        residual = w_fp - deq
+        b = (residual @ pinv if p_is_a else pinv @ residual) / scale
+        err = torch.linalg.matrix_norm(residual - scale * low_rank(b))
+        if best is None or err < best[0]:
+            best = (err, target, b)
+        target = w_fp - scale * low_rank(b)
+    return best[1], best[2]
+
+
+class LoQTLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, rank: int, lora_alpha: float, quantize: bool = True,
+                 block_size: int = 64, double_quant: bool = True, quantize_projection: bool = False):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("LoQTLinear wraps bias-free linears (LLaMA's)")
+        self.out_features, self.in_features = linear.weight.shape
+        self.rank = min(rank, self.in_features, self.out_features)
+        self.scale = lora_alpha
+        self.p_is_a = self.in_features <= self.out_features  # P = A (r x in) when the input side is smaller
+        self.quantize, self.quantize_projection = quantize, quantize_projection
+        self.nf4 = dict(block_size=block_size, double_quant=double_quant)
+        w = linear.weight.detach().float()
+        if quantize:
+            self.weight_q = NF4Tensor(w, **self.nf4)
+            # The full-precision weight, kept (off the state_dict, on the CPU) until the first
+            # update compensates against it: the paper quantizes W with error compensation at step 0.
+            self.initial_weight: Optional[torch.Tensor] = w.detach().cpu().clone()
+        else:
+            self.register_buffer("weight_fp", w.clone())
+        p_shape = (self.rank, self.in_features) if self.p_is_a else (self.out_features, self.rank)
+        p0 = torch.zeros(p_shape, device=w.device)  # set by the first refresh (step 0); B·P = 0 until then
+        if quantize_projection:
+            self.projection_q = NF4Tensor(p0, **self.nf4)
+        else:
+            self.register_buffer("projection", p0)
+        b_shape = (self.out_features, self.rank) if self.p_is_a else (self.rank, self.in_features)
+        self.B = nn.Parameter(torch.zeros(b_shape, device=w.device, dtype=linear.weight.dtype))
+        self.capture = False
+        self.grad_buffer: Optional[torch.Tensor] = None
+
+    # -- the matrices
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight_q.dequantize(dtype) if self.quantize else self.weight_fp.to(dtype)
+
+    def projection_matrix(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.projection_q.dequantize(dtype) if self.quantize_projection else self.projection.to(dtype)
+
+    def delta(self, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """s·B·P in W's (out x in) orientation, float32."""
+        b = (self.B if b is None else b).detach().float()
+        p = self.projection_matrix()
+        return self.scale * (b @ p if self.p_is_a else p @ b)
+
+    @property
+    def capturing(self) -> bool:
+        # Only training forwards that build a graph: evaluation never touches the buffer.
+        return self.capture and self.training and torch.is_grad_enabled()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # On capture steps B rides along as an input that needs grad, so backward reaches this
+        # function even where x does not need grad (its gradient w.r.t. B is None).
+        y = _FrozenLinear.apply(x, self, self.B if self.capturing else None)
+        p, b = self.projection_matrix(x.dtype), self.B.to(x.dtype)
+        low = F.linear(F.linear(x, p), b) if self.p_is_a else F.linear(F.linear(x, b), p)
+        return y + self.scale * low
+
+    # -- refresh and merge
+    def start_capture(self) -> None:
+        self.grad_buffer = torch.zeros(self.out_features, self.in_features, device=self.B.device)
+        self.capture = True
+
+    def take_gradient(self) -> torch.Tensor:
+        grad, self.grad_buffer, self.capture = self.grad_buffer, None, False
+        return grad
+
+    def update(self, b_current: Optional[torch.Tensor], grad: Optional[torch.Tensor], compensation_iters: int) -> torch.Tensor:
+        """Merge s·B·P into W; with `grad`, refresh P from its SVD; recompensate.
+
+        Sets W (requantized) and P here and returns the new B for the caller's
+        engine to install. `b_current` is B's full-precision value (the optimizer's
+        master copy); None reads the parameter."""
+        base = self.dense_weight()
+        if self.quantize and self.initial_weight is not None:
+            base, self.initial_weight = self.initial_weight.to(base.device), None
+        w_fp = base + self.delta(b_current)
+        if grad is not None:
+            u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+            p = vh[: self.rank] if self.p_is_a else u[:, : self.rank]
+            if self.quantize_projection:
+                self.projection_q.quantize_(p)
+            else:
+                self.projection.copy_(p)
+        if not self.quantize:  # LoQT-nq: the merge is exact, nothing to compensate
+            self.weight_fp.copy_(w_fp)
+            return torch.zeros_like(self.B, dtype=torch.float32)
+        roundtrip = lambda w: NF4Tensor(w, **self.nf4).dequantize()
+        target, b = compensate(w_fp, self.projection_matrix(), self.scale, compensation_iters, self.p_is_a, roundtrip)
+        self.weight_q.quantize_(target)
+        return b
+
+    def extra_repr(self) -> str:
+        side = "A (r x in)" if self.p_is_a else "(out x r)"
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale}, "
+                f"P={side}, nf4={self.quantize}")
+
+
+def apply_loqt(model: nn.Module, cfg: LoQTConfig) -> nn.Module:
+    """Wrap the target linears of `model` in place; method 'full' leaves it untouched."""
+    if cfg.method == "full":
+        return model
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets]
+    for name, linear in targets:
+        parent_name, child = name.rsplit(".", 1)
+        layer = LoQTLinear(linear, cfg.rank, cfg.lora_alpha, quantize=cfg.method == "loqt",
+                           block_size=cfg.quant_block_size, double_quant=cfg.double_quant,
+                           quantize_projection=cfg.quantize_projection)
+        setattr(model.get_submodule(parent_name), child, layer)
+    return model
+
+
+def loqt_layers(model: nn.Module) -> list[tuple[str, LoQTLinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoQTLinear)]
+
+
+def expected_trainable_parameters(model: nn.Module) -> int:
+    """The paper's count: r·max(out, in) per wrapped layer plus every unwrapped parameter."""
+    wrapped = loqt_layers(model)
+    inside = {id(p) for _, layer in wrapped for p in layer.parameters()}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    return other + sum(l.rank * max(l.in_features, l.out_features) for _, l in wrapped)

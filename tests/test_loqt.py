@@ -1,0 +1,204 @@
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from loqt_ray import LoQTConfig, LoQTLinear, apply_loqt, update_steps
+from loqt_ray.config import NF4_BLOCK_SIZES
+from loqt_ray.loqt import expected_trainable_parameters, loqt_layers
+from loqt_ray.models import build_model
+from loqt_ray.quant import NF4Tensor
+from loqt_ray.schedule import UpdateSchedule
+
+
+def make_layer(out_f, in_f, rank=8, seed=0, **kw):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_f, out_f, bias=False)
+    nn.init.normal_(linear.weight, std=0.02)
+    return linear, LoQTLinear(linear, rank, lora_alpha=0.5, **kw)
+
+
+def randomize_adapter(layer, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    layer.projection.copy_(torch.randn(layer.projection.shape, generator=g))
+    with torch.no_grad():
+        layer.B.copy_(torch.randn(layer.B.shape, generator=g) * 0.01)
+
+
+def effective_weight(layer):
+    return layer.dense_weight() + layer.delta()
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+def test_forward_is_dequantized_weight_plus_scaled_low_rank(shape):
+    _, layer = make_layer(*shape)
+    randomize_adapter(layer)
+    x = torch.randn(3, 5, shape[1])
+    p, b = layer.projection, layer.B.detach()
+    bp = b @ p if layer.p_is_a else p @ b
+    expected = x @ layer.weight_q.dequantize().T + 0.5 * x @ bp.T
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert layer.B.shape[0 if layer.p_is_a else 1] == max(shape)  # B on the larger side
+    assert min(shape) in layer.projection.shape                   # P on the smaller side
+
+
+def test_rank_is_capped_by_the_layer():
+    _, layer = make_layer(16, 40, rank=64)
+    assert layer.rank == 16 and layer.B.shape == (16, 40)
+
+
+@pytest.mark.parametrize("iters", [0, 5])
+def test_merge_changes_outputs_by_at_most_the_quantization_error(iters):
+    _, layer = make_layer(96, 64)
+    layer.update(None, torch.randn(96, 64), iters)  # the step-0 refresh: P from a gradient, W quantized
+    with torch.no_grad():
+        layer.B.normal_(std=0.01)                   # as if trained since
+    before = effective_weight(layer)
+    x = torch.randn(32, 64)
+    y_before = x @ before.T
+    new_b = layer.update(None, None, iters)
+    with torch.no_grad():
+        layer.B.copy_(new_b)
+    after = effective_weight(layer)
+    quant_err = torch.linalg.matrix_norm(before - NF4Tensor(before).dequantize())
+    assert torch.linalg.matrix_norm(after - before) <= quant_err * (1 + 1e-5)
+    assert torch.linalg.matrix_norm(x @ after.T - y_before) <= torch.linalg.matrix_norm(x) * quant_err * (1 + 1e-5)
+
+
+def test_no_quantization_merge_is_exact():
+    _, layer = make_layer(64, 96, quantize=False)
+    randomize_adapter(layer)
+    before = effective_weight(layer)
+    with torch.no_grad():
+        layer.B.copy_(layer.update(None, None, 5))
+    assert torch.allclose(effective_weight(layer), before, atol=1e-6)
+    assert not layer.B.any()
+
+
+def largest_principal_angle(a, b):
+    """Between the column spaces of a and b (orthonormalised)."""
+    qa, qb = torch.linalg.qr(a.double())[0], torch.linalg.qr(b.double())[0]
+    cos = torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0)
+    return math.acos(cos.min().item())
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+def test_projection_spans_a_planted_rank_r_gradient(shape):
+    _, layer = make_layer(*shape, rank=8)
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(shape[0], 8, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(shape[1], 8, generator=g))[0]
+    grad = u @ torch.diag(torch.linspace(10, 1, 8)) @ v.T
+    layer.update(None, grad, 0)
+    if layer.p_is_a:
+        assert largest_principal_angle(layer.projection.T, v) < 1e-4
+    else:
+        assert largest_principal_angle(layer.projection, u) < 1e-4
+
+
+def test_captured_gradient_equals_autograd_over_micro_batches():
+    linear, layer = make_layer(64, 96)
+    dense = nn.Linear(96, 64, bias=False)
+    dense.weight.data.copy_(layer.dense_weight())
+    layer.start_capture()
+    for seed in range(3):  # three micro-batches accumulate
+        x = torch.randn(4, 7, 96, generator=torch.Generator().manual_seed(seed))
+        layer(x).square().sum().backward()
+        dense(x).square().sum().backward()
+    grad = layer.take_gradient()
+    assert torch.allclose(grad, dense.weight.grad, rtol=1e-4, atol=1e-5)
+    assert layer.grad_buffer is None and not layer.capture  # freed after the refresh takes it
+
+
+def test_evaluation_never_captures_or_merges():
+    _, layer = make_layer(64, 96)
+    randomize_adapter(layer)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.start_capture()
+    x = torch.randn(2, 96, requires_grad=True)
+    layer.eval()
+    layer(x).sum().backward()
+    layer.train()
+    with torch.no_grad():
+        layer(x)
+    assert not layer.grad_buffer.any()
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
+
+
+def compensation_error(iters, quantize_projection=False):
+    linear, layer = make_layer(128, 256, rank=16, quantize_projection=quantize_projection)
+    w_fp = linear.weight.detach()
+    grad = torch.randn(128, 256, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        layer.B.copy_(layer.update(None, grad, iters))
+    return torch.linalg.matrix_norm(w_fp - effective_weight(layer)).item()
+
+
+def test_error_compensation_lowers_the_approximation_error():
+    plain, compensated = compensation_error(0), compensation_error(5)
+    assert compensated < 0.95 * plain
+    assert compensation_error(5, quantize_projection=True) < plain
+
+
+def test_schedules():
+    assert update_steps(600, "exponential", 100, 1.2) == [0, 100, 201, 302, 403, 505]
+    assert update_steps(500, "static", 100) == [0, 100, 200, 300, 400]
+    assert update_steps(1000, "linear", 100, increment=50) == [0, 100, 250, 450, 700]
+    steps = update_steps(10_000, "exponential", 100, 1.2)
+    assert 1000 < steps[-1] - steps[-2] < 1200  # gaps reach about 1.1k by step 10k
+    capped = update_steps(40_000, "exponential", 100, 1.2, max_gap=2500)
+    assert max(b - a for a, b in zip(capped, capped[1:])) == 2500
+    s = UpdateSchedule(LoQTConfig(schedule="static", update_interval=10, refresh_interval=30), 100)
+    assert [t for t in range(100) if s.is_update(t)] == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]
+    assert [t for t in range(100) if s.is_refresh(t)] == [0, 30, 60, 90]
+
+
+def test_apply_loqt_trainable_parameters_follow_the_formula():
+    model = apply_loqt(build_model("tiny", 2048), LoQTConfig(rank=16))
+    assert len(loqt_layers(model)) == 4 * 7
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.endswith(".B") or "embed" in n or "norm" in n or "lm_head" in n for n in trainable)
+    h, i, v, r = 128, 352, 2048, 16
+    per_layer = 4 * h * r + 3 * i * r + 2 * h  # B factors (max side x r) and the two norms
+    formula = 4 * per_layer + 2 * v * h + h
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == formula == expected_trainable_parameters(model)
+
+
+def test_state_dict_round_trip_gives_identical_outputs():
+    a = apply_loqt(build_model("nano", 512, seed=1), LoQTConfig(rank=8, quantize_projection=True))
+    for _, layer in loqt_layers(a):
+        with torch.no_grad():
+            layer.B.copy_(layer.update(None, torch.randn(layer.out_features, layer.in_features), 2))
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = apply_loqt(build_model("nano", 512, seed=2), LoQTConfig(rank=8, quantize_projection=True))
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    ids = torch.randint(0, 512, (2, 16))
+    a.eval(), b.eval()
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    b.to(torch.bfloat16)  # moving/casting keeps the NF4 statistics in their own dtypes
+    q = loqt_layers(b)[0][1].weight_q
+    assert q.packed.dtype == torch.uint8 and q.code.dtype == torch.float32
+
+
+@pytest.mark.parametrize("block_size", NF4_BLOCK_SIZES)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_block_sizes(block_size, double_quant):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    q = NF4Tensor(w, block_size, double_quant)
+    rel = (torch.linalg.matrix_norm(w - q.dequantize()) / torch.linalg.matrix_norm(w)).item()
+    assert 0.05 < rel < 0.13
+    again = NF4Tensor(torch.zeros_like(w), block_size, double_quant)
+    again.load_state_dict(q.state_dict())
+    assert torch.equal(again.dequantize(), q.dequantize())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nf4_on_cuda_matches_cpu():
+    w = torch.randn(128, 256)
+    q = NF4Tensor(w).to("cuda")
+    assert q.packed.is_cuda
+    assert torch.allclose(q.dequantize().cpu(), NF4Tensor(w).dequantize(), atol=1e-6)

@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+
+from loqt_ray import LoQTConfig, apply_loqt
+from loqt_ray.config import OptimConfig
+from loqt_ray.loqt import loqt_layers
+from loqt_ray.models import build_model
+from loqt_ray.optim import PerLayerOptimizer, lr_factor, make_optimizer
+
+
+def loqt_model():
+    model = apply_loqt(build_model("nano", 256, seed=0), LoQTConfig(rank=4))
+    for _, layer in loqt_layers(model):  # a first refresh sets P, so B receives gradients
+        with torch.no_grad():
+            layer.B.copy_(layer.update(None, torch.randn(layer.out_features, layer.in_features), 1))
+    return model
+
+
+def loss_of(model):
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    return model(input_ids=ids, labels=ids).loss
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam8bit"])
+def test_optimizer_steps_trainable_parameters(name):
+    model = loqt_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = make_optimizer(params, OptimConfig(name=name, lr=1e-2))
+    loss_of(model).backward()
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    if name == "adam8bit":
+        states = [s for s in opt.state.values() if "state1" in s]
+        assert states and any(s["state1"].dtype == torch.uint8 for s in states)
+
+
+def test_per_layer_updates_step_inside_backward_and_free_gradients():
+    model = loqt_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = PerLayerOptimizer(params, OptimConfig(lr=1e-2, grad_clip=1.0))
+    assert len(opt.optimizers) == len(params)
+    loss_of(model).backward()
+    assert all(p.grad is None for p in params)          # each gradient freed as soon as it was used
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    opt.remove_hooks()
+
+
+def test_warmup_then_cosine_to_min_ratio():
+    cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, 100, cfg) == pytest.approx(0.55)
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
+    assert all(lr_factor(s, 100, cfg) >= lr_factor(s + 1, 100, cfg) for s in range(10, 100))
+    assert not math.isnan(lr_factor(0, 1, OptimConfig(warmup_steps=0)))
