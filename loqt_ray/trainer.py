@@ -54,10 +54,12 @@ class PlainEngine:
     def __init__(self, model: torch.nn.Module, cfg: Config):
         self.model, self.cfg = model, cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if cfg.optim.per_layer:
-            self.optimizer = PerLayerOptimizer(self.params, cfg.optim)
-        else:
-            self.optimizer = make_optimizer(self.params, cfg.optim)
+        self.optimizer = self.build_optimizer()
+
+    def build_optimizer(self):
+        if self.cfg.optim.per_layer:
+            return PerLayerOptimizer(self.params, self.cfg.optim)
+        return make_optimizer(self.params, self.cfg.optim)
 
     def set_lr(self, lr: float) -> None:
         if isinstance(self.optimizer, PerLayerOptimizer):
@@ -98,8 +100,22 @@ def merge_and_refresh(layers, engine, refresh: bool, compensation_iters: int, wo
         engine.set_param(layer.B, layer.update(engine.full_precision(layer.B), grad, compensation_iters))
 
 
-def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_size: int = 1) -> dict:
-    """Train as `cfg` says; return the last metrics (with the final val_ppl)."""
+def model_state_bytes(model: torch.nn.Module, optimizer) -> dict:
+    """Bytes of weights (parameters and buffers), gradients (one per trainable element, as
+    held during a step) and optimizer state (every tensor it keeps)."""
+    size = lambda t: t.numel() * t.element_size()
+    weights = sum(size(t) for t in list(model.parameters()) + list(model.buffers()))
+    grads = sum(size(p) for p in model.parameters() if p.requires_grad)
+    optimizers = optimizer.optimizers.values() if isinstance(optimizer, PerLayerOptimizer) else [optimizer]
+    states = [v for opt in optimizers for state in opt.state.values() for v in state.values()]
+    tensors = [v for v in states if torch.is_tensor(v)] + [v.ortho_matrix for v in states
+                                                           if torch.is_tensor(getattr(v, "ortho_matrix", None))]
+    return {"weight_bytes": weights, "grad_bytes": grads, "optimizer_bytes": sum(size(t) for t in tensors)}
+
+
+def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_size: int = 1,
+          make_engine: Callable = PlainEngine) -> dict:
+    """Train as `cfg` says; return the last metrics (with the final val_ppl and state bytes)."""
     report = report or (lambda m: None)
     device = torch.device("cuda" if cfg.scale.use_gpu and torch.cuda.is_available() else "cpu")
     data = prepare(cfg.data)
@@ -109,7 +125,9 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
     model.train()
     layers = [layer for _, layer in loqt_layers(model)]
     schedule = UpdateSchedule(cfg.loqt, cfg.train.steps)
-    engine = PlainEngine(model, cfg)
+    engine = make_engine(model, cfg)
+    # bf16 compute with fp32 parameters: the optimizer keeps full-precision values
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16")
     stream = SequenceStream(data.train, cfg.train.micro_batch_size, cfg.train.seed, rank, world_size)
     eval_rows = val_rows(data.val, cfg.train.eval_tokens, rank, world_size)
     t = cfg.train
@@ -126,7 +144,8 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
                 layer.start_capture()
         for _ in range(t.grad_accum):
             ids, labels = stream.next_batch()
-            loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss / t.grad_accum
+            with autocast:
+                loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss / t.grad_accum
             engine.backward(loss)
             losses.append(loss.item() * t.grad_accum)
         engine.step()
@@ -144,8 +163,10 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
                        "update_time_share": update_time / train_time}
             losses = []
             if (step + 1) % t.eval_every == 0 or last:
-                nll, count = evaluate(model, data.val, eval_rows, t.micro_batch_size, device)
+                with autocast:
+                    nll, count = evaluate(model, data.val, eval_rows, t.micro_batch_size, device)
                 metrics["val_loss"] = nll / count
                 metrics["val_ppl"] = math.exp(nll / count)
             report(metrics)
+    metrics.update(model_state_bytes(model, engine.optimizer))
     return metrics

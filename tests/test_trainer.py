@@ -34,3 +34,16 @@ def test_loqt_training_merges_on_schedule_even_when_evaluation_coincides(data_di
     assert [r["updates"] for r in reports] == [1, 2, 3, 4]
     assert reports[-1]["val_ppl"] < reports[0]["val_ppl"]
     assert 0 < reports[-1]["update_time_share"] < 0.5
+
+
+def test_bf16_autocast_loqt_run(data_dir):
+    """The GPU recipe (bf16 compute, fp32 master values, 8-bit Adam) runs on CPU too."""
+    from loqt_ray.trainer import train
+
+    cfg = load_config(None, [f"data.data_dir={data_dir}", "data.vocab_size=2048", "data.seq_len=128",
+                             "model.size=nano", "loqt.rank=8", "loqt.update_interval=5", "train.dtype=bfloat16",
+                             "optim.name=adam8bit", "train.steps=10", "train.micro_batch_size=4",
+                             "train.eval_every=10", "train.eval_tokens=2048", "train.log_every=10"])
+    final = train(cfg)
+    assert final["updates"] == 2 and final["val_ppl"] < 2048
+    assert final["optimizer_bytes"] > 0

@@ -1,0 +1,92 @@
+"""LoQT against full-rank training and its own ablations, on the same tokens.
+
+Trains the same LLaMA (same seed, same data order, same learning-rate schedule)
+with full-rank AdamW, LoQT, LoQT-nq (no quantization), LoQT without error
+compensation, LoQT with a static schedule, and GaLore (PyPI galore-torch, if
+installed), then prints one table and writes bench/results/loqt.json.
+
+    .venv/bin/python bench/bench_loqt.py [--steps 300] [--size tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from loqt_ray.config import load_config
+from loqt_ray.trainer import PlainEngine, train
+
+VARIANTS = {
+    "full-rank AdamW": ["loqt.method=full"],
+    "LoQT": ["loqt.method=loqt"],
+    "LoQT-nq": ["loqt.method=loqt-nq"],
+    "LoQT, no compensation": ["loqt.method=loqt", "loqt.compensation_iters=0"],
+    "LoQT, static schedule": ["loqt.method=loqt", "loqt.schedule=static"],
+    "GaLore": ["loqt.method=full"],
+}
+
+
+class GaLoreEngine(PlainEngine):
+    """GaLore's AdamW with projected states on the attention and MLP matrices."""
+
+    def build_optimizer(self):
+        from galore_torch import GaLoreAdamW
+
+        l = self.cfg.loqt
+        targets = {id(m.weight) for name, m in self.model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in l.targets}
+        low_rank = [p for p in self.params if id(p) in targets]
+        rest = [p for p in self.params if id(p) not in targets]
+        groups = [{"params": rest}, {"params": low_rank, "rank": l.rank, "update_proj_gap": l.update_interval,
+                                     "scale": 0.25, "proj_type": "std"}]
+        return GaLoreAdamW(groups, lr=self.cfg.optim.lr, weight_decay=self.cfg.optim.weight_decay)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--out", default="bench/results/loqt.json")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    base = [f"model.size={args.size}", "data.seq_len=128", "data.data_dir=data", f"train.steps={args.steps}",
+            "train.micro_batch_size=16", f"train.eval_every={args.steps}", f"train.log_every={args.steps}",
+            "train.eval_tokens=65536", "optim.lr=3e-3", f"optim.warmup_steps={args.steps // 10}",
+            f"loqt.rank={args.rank}", "loqt.update_interval=30", "loqt.psi=1.5", "loqt.lora_alpha=0.5",
+            *args.overrides]
+    try:
+        import galore_torch  # noqa: F401
+    except ImportError:
+        print("galore-torch not installed (pip install galore-torch): skipping GaLore", file=sys.stderr)
+        VARIANTS.pop("GaLore")
+    rows = []
+    for name, overrides in VARIANTS.items():
+        cfg = load_config(None, base + overrides)
+        start = time.perf_counter()
+        final = train(cfg, make_engine=GaLoreEngine if name == "GaLore" else PlainEngine)
+        final.update(variant=name, wall_s=time.perf_counter() - start)
+        rows.append(final)
+        print(f"{name}: val ppl {final['val_ppl']:.2f}, {final['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    ref = rows[0]
+    table = ["| variant | val ppl | ppl / full | tokens/s / full | merge+refresh share | model-state MB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        state = (r["weight_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]) / 2**20
+        table.append(f"| {r['variant']} | {r['val_ppl']:.2f} | {r['val_ppl'] / ref['val_ppl']:.3f} | "
+                     f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f} | {100 * r.get('update_time_share', 0):.1f} % | "
+                     f"{state:.2f} |")
+    print("\n".join(table))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"settings": base, "machine": f"{platform.machine()}, "
+                                          f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+                                          "rows": rows, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
