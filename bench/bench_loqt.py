@@ -46,6 +46,12 @@ class GaLoreEngine(PlainEngine):
                                      "scale": 0.25, "proj_type": "std"}]
         return GaLoreAdamW(groups, lr=self.cfg.optim.lr, weight_decay=self.cfg.optim.weight_decay)
 
+    def optimizer_state_tensors(self) -> list[torch.Tensor]:
+        # GaLore keeps each projection matrix inside a projector object in the state
+        states = [v for state in self.optimizer.state.values() for v in state.values()]
+        return super().optimizer_state_tensors() + [v.ortho_matrix for v in states
+                                                    if torch.is_tensor(getattr(v, "ortho_matrix", None))]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -75,6 +75,18 @@ class PlainEngine:
         with torch.no_grad():
             param.copy_(value)
 
+    def optimizer_state_tensors(self) -> list[torch.Tensor]:
+        opts = self.optimizer.optimizers.values() if isinstance(self.optimizer, PerLayerOptimizer) else [self.optimizer]
+        return [v for opt in opts for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+
+    def state_bytes(self) -> dict:
+        """Bytes of weights (parameters and buffers), gradients (one per trainable element, as
+        held during a step) and optimizer state (every tensor it keeps)."""
+        size = lambda t: t.numel() * t.element_size()
+        return {"weight_bytes": sum(size(t) for t in list(self.model.parameters()) + list(self.model.buffers())),
+                "grad_bytes": sum(size(p) for p in self.params),
+                "optimizer_bytes": sum(size(t) for t in self.optimizer_state_tensors())}
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
@@ -100,19 +112,6 @@ def merge_and_refresh(layers, engine, refresh: bool, compensation_iters: int, wo
         engine.set_param(layer.B, layer.update(engine.full_precision(layer.B), grad, compensation_iters))
 
 
-def model_state_bytes(model: torch.nn.Module, optimizer) -> dict:
-    """Bytes of weights (parameters and buffers), gradients (one per trainable element, as
-    held during a step) and optimizer state (every tensor it keeps)."""
-    size = lambda t: t.numel() * t.element_size()
-    weights = sum(size(t) for t in list(model.parameters()) + list(model.buffers()))
-    grads = sum(size(p) for p in model.parameters() if p.requires_grad)
-    optimizers = optimizer.optimizers.values() if isinstance(optimizer, PerLayerOptimizer) else [optimizer]
-    states = [v for opt in optimizers for state in opt.state.values() for v in state.values()]
-    tensors = [v for v in states if torch.is_tensor(v)] + [v.ortho_matrix for v in states
-                                                           if torch.is_tensor(getattr(v, "ortho_matrix", None))]
-    return {"weight_bytes": weights, "grad_bytes": grads, "optimizer_bytes": sum(size(t) for t in tensors)}
-
-
 def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_size: int = 1,
           make_engine: Callable = PlainEngine) -> dict:
     """Train as `cfg` says; return the last metrics (with the final val_ppl and state bytes)."""
@@ -133,7 +132,8 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
     t = cfg.train
     tokens_per_step = t.micro_batch_size * t.grad_accum * world_size * cfg.data.seq_len
     metrics: dict = {}
-    train_time, update_time, updates, losses = 0.0, 0.0, 0, []
+    train_time, update_time, updates = 0.0, 0.0, 0
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # read once per log: no sync per micro-batch
     for step in range(t.steps):
         start = time.perf_counter()
         lr = cfg.optim.lr * lr_factor(step, t.steps, cfg.optim)
@@ -147,7 +147,8 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
             with autocast:
                 loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss / t.grad_accum
             engine.backward(loss)
-            losses.append(loss.item() * t.grad_accum)
+            loss_sum += loss.detach().float()
+            loss_count += 1
         engine.step()
         if layers and schedule.is_update(step):
             update_start = time.perf_counter()
@@ -158,15 +159,17 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
         last = step + 1 == t.steps
         if (step + 1) % t.log_every == 0 or (step + 1) % t.eval_every == 0 or last:
             metrics = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "lr": lr,
-                       "train_loss": sum(losses) / len(losses), "tokens_per_s": (step + 1) * tokens_per_step / train_time,
+                       "train_loss": loss_sum.item() * t.grad_accum / loss_count,
+                       "tokens_per_s": (step + 1) * tokens_per_step / train_time,
                        "epoch": stream.epoch, "memory_mb": peak_memory_mb(device), "updates": updates,
                        "update_time_share": update_time / train_time}
-            losses = []
+            loss_sum.zero_()
+            loss_count = 0
             if (step + 1) % t.eval_every == 0 or last:
                 with autocast:
                     nll, count = evaluate(model, data.val, eval_rows, t.micro_batch_size, device)
                 metrics["val_loss"] = nll / count
                 metrics["val_ppl"] = math.exp(nll / count)
             report(metrics)
-    metrics.update(model_state_bytes(model, engine.optimizer))
+    metrics.update(engine.state_bytes())
     return metrics
