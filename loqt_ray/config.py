@@ -85,7 +85,8 @@ class OptimConfig:
 class TrainConfig:
     name: str = "run"
     output_dir: str = "runs"
-    steps: int = 1000                  # optimizer steps
+    steps: int = 1000                  # optimizer steps (the LR and merge schedules span them)
+    stop_at_step: Optional[int] = None  # end this invocation early, with a checkpoint; rerun to go on
     micro_batch_size: int = 16         # sequences per worker per micro-step
     grad_accum: int = 1
     eval_every: int = 100
@@ -286,6 +287,8 @@ def validate(cfg: Config) -> None:
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (got {o.grad_clip})")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (got {o.warmup_steps})")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1] (got {o.min_lr_ratio})")
+    _require(o.name != "adam8bit" or s.zero_stage == 0, "optim.name",
+             "adam8bit keeps blockwise-quantized states that ZeRO cannot partition; set scale.zero_stage=0")
     if o.per_layer:
         _require(s.num_workers == 1, "optim.per_layer",
                  "per-layer optimizer updates run on a single worker; set scale.num_workers=1 or per_layer=false")
@@ -295,6 +298,9 @@ def validate(cfg: Config) -> None:
     for key in ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_tokens", "log_every", "keep_checkpoints"):
         value = getattr(t, key)
         _require(value >= 1, f"train.{key}", f"must be >= 1 (got {value})")
+    if t.stop_at_step is not None:
+        _require(1 <= t.stop_at_step <= t.steps, "train.stop_at_step",
+                 f"must be in [1, train.steps={t.steps}] (got {t.stop_at_step})")
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0 (got {t.checkpoint_every})")
     _require(s.num_workers >= 1, "scale.num_workers", f"must be >= 1 (got {s.num_workers})")
     _require(s.zero_stage in (0, 1, 2), "scale.zero_stage",

@@ -52,7 +52,7 @@ class PlainEngine:
     """A torch optimizer (or per-layer optimizers) on one process."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config):
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg = model, cfg  # forwards go through engine.model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self.build_optimizer()
 
@@ -74,6 +74,14 @@ class PlainEngine:
     def set_param(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
         with torch.no_grad():
             param.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"params": [p.detach().cpu().clone() for p in self.params], "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for p, value in zip(self.params, state["params"]):
+            self.set_param(p, value)
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def optimizer_state_tensors(self) -> list[torch.Tensor]:
         opts = self.optimizer.optimizers.values() if isinstance(self.optimizer, PerLayerOptimizer) else [self.optimizer]
@@ -112,9 +120,47 @@ def merge_and_refresh(layers, engine, refresh: bool, compensation_iters: int, wo
         engine.set_param(layer.B, layer.update(engine.full_precision(layer.B), grad, compensation_iters))
 
 
+def all_reduce_sum(values: list[float], device: torch.device, world_size: int) -> list[float]:
+    if world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def checkpoint_state(model: torch.nn.Module, engine, stream: SequenceStream, step: int, counters: dict) -> dict:
+    """All an exact resume needs, as plain tensors and numbers (loads with weights_only=True).
+
+    Checkpoints are taken between optimizer steps, after any merge: no refresh gradient is
+    half-accumulated then, and the schedule position is the step itself. The buffers (NF4 W
+    with its quant state, P) come from the model; trainable values and optimizer states from
+    the engine, which gathers them in full (a collective: every rank calls this)."""
+    params = {name for name, _ in model.named_parameters()}
+    return {"step": step, "counters": counters, "stream": stream.state_dict(), "rng": torch.get_rng_state(),
+            "buffers": {k: v.cpu() for k, v in model.state_dict().items() if k not in params},
+            "engine": engine.state_dict()}
+
+
+def restore(state: dict, model: torch.nn.Module, engine, stream: SequenceStream) -> None:
+    params = {name for name, _ in model.named_parameters()}
+    missing, unexpected = model.load_state_dict(state["buffers"], strict=False)
+    if unexpected or set(missing) != params:
+        raise ValueError(f"checkpoint does not fit this model: missing {sorted(set(missing) - params)[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for layer in (m for _, m in loqt_layers(model)):
+        layer.initial_weight = None  # step 0 has run: W already holds its compensated value
+    engine.load_state_dict(state["engine"])
+    stream.load_state_dict(state["stream"])
+    torch.set_rng_state(state["rng"])
+
+
 def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_size: int = 1,
-          make_engine: Callable = PlainEngine) -> dict:
-    """Train as `cfg` says; return the last metrics (with the final val_ppl and state bytes)."""
+          make_engine: Callable = PlainEngine, resume: Optional[dict] = None,
+          save: Optional[Callable[[dict, dict], None]] = None) -> dict:
+    """Train as `cfg` says; return the last metrics (with the final val_ppl and state bytes).
+
+    `resume` is a state from `checkpoint_state`; `save(state, metrics)` is called on every rank
+    at checkpoint steps (every train.checkpoint_every steps and at the end, or at stop_at_step)."""
     report = report or (lambda m: None)
     device = torch.device("cuda" if cfg.scale.use_gpu and torch.cuda.is_available() else "cpu")
     data = prepare(cfg.data)
@@ -131,10 +177,15 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
     eval_rows = val_rows(data.val, cfg.train.eval_tokens, rank, world_size)
     t = cfg.train
     tokens_per_step = t.micro_batch_size * t.grad_accum * world_size * cfg.data.seq_len
+    counters = {"train_time": 0.0, "update_time": 0.0, "updates": 0}
+    first_step = 0
+    if resume is not None:
+        restore(resume, model, engine, stream)
+        first_step, counters = resume["step"], dict(resume["counters"])
     metrics: dict = {}
-    train_time, update_time, updates = 0.0, 0.0, 0
     loss_sum, loss_count = torch.zeros((), device=device), 0  # read once per log: no sync per micro-batch
-    for step in range(t.steps):
+    stop = t.stop_at_step or t.steps
+    for step in range(first_step, stop):
         start = time.perf_counter()
         lr = cfg.optim.lr * lr_factor(step, t.steps, cfg.optim)
         engine.set_lr(lr)
@@ -145,7 +196,7 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
         for _ in range(t.grad_accum):
             ids, labels = stream.next_batch()
             with autocast:
-                loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss / t.grad_accum
+                loss = engine.model(input_ids=ids.to(device), labels=labels.to(device)).loss / t.grad_accum
             engine.backward(loss)
             loss_sum += loss.detach().float()
             loss_count += 1
@@ -153,23 +204,29 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
         if layers and schedule.is_update(step):
             update_start = time.perf_counter()
             merge_and_refresh(layers, engine, refresh, cfg.loqt.compensation_iters, world_size)
-            update_time += time.perf_counter() - update_start
-            updates += 1
-        train_time += time.perf_counter() - start
-        last = step + 1 == t.steps
-        if (step + 1) % t.log_every == 0 or (step + 1) % t.eval_every == 0 or last:
-            metrics = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "lr": lr,
-                       "train_loss": loss_sum.item() * t.grad_accum / loss_count,
-                       "tokens_per_s": (step + 1) * tokens_per_step / train_time,
-                       "epoch": stream.epoch, "memory_mb": peak_memory_mb(device), "updates": updates,
-                       "update_time_share": update_time / train_time}
+            counters["update_time"] += time.perf_counter() - update_start
+            counters["updates"] += 1
+        counters["train_time"] += time.perf_counter() - start
+        done = step + 1
+        last = done == stop
+        checkpoint = save is not None and (last or (t.checkpoint_every and done % t.checkpoint_every == 0))
+        if done % t.log_every == 0 or done % t.eval_every == 0 or last or checkpoint:
+            (loss_total,) = all_reduce_sum([loss_sum.item() * t.grad_accum / loss_count], device, world_size)
+            metrics = {"step": done, "tokens": done * tokens_per_step, "lr": lr, "train_loss": loss_total / world_size,
+                       "tokens_per_s": done * tokens_per_step / max(counters["train_time"], 1e-9),
+                       "epoch": stream.epoch, "memory_mb": peak_memory_mb(device), "updates": counters["updates"],
+                       "update_time_share": counters["update_time"] / max(counters["train_time"], 1e-9)}
             loss_sum.zero_()
             loss_count = 0
-            if (step + 1) % t.eval_every == 0 or last:
+            if done % t.eval_every == 0 or last:
                 with autocast:
                     nll, count = evaluate(model, data.val, eval_rows, t.micro_batch_size, device)
+                nll, count = all_reduce_sum([nll, count], device, world_size)
                 metrics["val_loss"] = nll / count
                 metrics["val_ppl"] = math.exp(nll / count)
-            report(metrics)
+            if checkpoint:
+                save(checkpoint_state(model, engine, stream, done, counters), metrics)
+            else:
+                report(metrics)
     metrics.update(engine.state_bytes())
     return metrics

@@ -38,6 +38,8 @@ def test_defaults_and_overrides(tmp_path):
     ("- a\n- b\n", [], "c.yaml", "top level must be a mapping"),
     ("a: [\n", [], "c.yaml", "not valid YAML"),
     ("", ["data.tokenizer=/nonexistent"], "data.tokenizer", "not a directory"),
+    ("", ["train.stop_at_step=0"], "train.stop_at_step", "must be in [1, train.steps"),
+    ("", ["optim.name=adam8bit"], "optim.name", "scale.zero_stage=0"),
 ])
 def test_bad_values_name_the_field(tmp_path, text, overrides, field, allowed):
     with pytest.raises(ConfigError) as err:

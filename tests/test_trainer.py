@@ -42,7 +42,7 @@ def test_bf16_autocast_loqt_run(data_dir):
 
     cfg = load_config(None, [f"data.data_dir={data_dir}", "data.vocab_size=2048", "data.seq_len=128",
                              "model.size=nano", "loqt.rank=8", "loqt.update_interval=5", "train.dtype=bfloat16",
-                             "optim.name=adam8bit", "optim.lr=1e-2", "train.steps=20", "train.micro_batch_size=8",
+                             "optim.name=adam8bit", "scale.zero_stage=0", "optim.lr=1e-2", "train.steps=20", "train.micro_batch_size=8",
                              "train.eval_every=20", "train.eval_tokens=2048", "train.log_every=20"])
     final = train(cfg)
     assert final["updates"] == 4 and final["val_ppl"] < 2048  # merges at 0, 5, 11, 17

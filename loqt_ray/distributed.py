@@ -1,0 +1,143 @@
+"""DeepSpeed ZeRO data parallelism: the engine the trainer drives on every worker.
+
+Only trainable parameters (the B factors, embeddings, norms, lm_head) are given
+to DeepSpeed: the frozen uint8 NF4 buffers are not parameters at all, and ZeRO-3
+is refused by the config (it cannot partition them). B values computed by a
+merge are installed through DeepSpeed's fp32 master copy (safe_set helpers).
+Checkpoints hold full (gathered) fp32 values and optimizer states, so they are
+plain tensors, load with weights_only=True, and resume on any world size.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from .config import Config
+from .optim import make_optimizer
+
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group() -> None:
+    """A one-process gloo group for runs outside Ray (Ray Train sets up its own)."""
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+
+
+def deepspeed_config(cfg: Config, use_bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.scale.zero_stage},
+        "bf16": {"enabled": use_bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """The trainer's engine interface over a deepspeed.DeepSpeedEngine."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config):
+        import deepspeed
+
+        ensure_process_group()
+        self.cfg = cfg
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        use_bf16 = cfg.train.dtype == "bfloat16" and next(model.parameters()).is_cuda
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(self.params, cfg.optim), model_parameters=self.params,
+            config=deepspeed_config(cfg, use_bf16), dist_init_required=False)
+        self.model = self.engine  # forwards go through the engine
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The trainer already divides by grad_accum; DeepSpeed steps at the accumulation boundary.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    def full_precision(self, param: torch.nn.Parameter) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(param)
+        return param.detach().float() if value is None else value.detach().float()
+
+    def set_param(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, value)  # the master copy the optimizer steps
+        with torch.no_grad():
+            param.copy_(value)                  # and the copy the forward uses
+
+    # -- checkpoint state: full fp32 values, so any world size can load it
+    @property
+    def _base(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
+
+    @property
+    def _zero(self) -> bool:
+        return self.cfg.scale.zero_stage > 0
+
+    def _ensure_adam_state(self) -> None:
+        """ZeRO links per-parameter views of the optimizer state only after its first step;
+        a resume before that creates the (zero) state and links it, as that step would."""
+        base = self._base
+        for group in base.param_groups:
+            for flat in group["params"]:
+                if not base.state[flat]:
+                    base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                        "exp_avg_sq": torch.zeros_like(flat)}
+        self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def state_dict(self) -> dict:
+        params = [self.full_precision(p).cpu() for p in self.params]
+        if not self._zero:  # replicated: every rank holds the whole optimizer
+            return {"params": params, "optimizer": self._base.state_dict()}
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        adam = [{k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in ADAM_STATE_KEYS} for p in self.params]
+        step = max((int(s["step"]) for s in self._base.state.values() if "step" in s), default=0)
+        return {"params": params, "optimizer": adam, "optimizer_step": step}
+
+    def load_state_dict(self, state: dict) -> None:
+        for p, value in zip(self.params, state["params"]):
+            self.set_param(p, value.to(p.device))
+        if not self._zero:
+            self._base.load_state_dict(state["optimizer"])
+            return
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self._ensure_adam_state()
+        for p, adam in zip(self.params, state["optimizer"]):
+            for key, value in adam.items():
+                safe_set_full_optimizer_state(p, value.to(p.device), key)
+        for s in self._base.state.values():  # Adam's bias correction counts optimizer steps
+            s["step"] = torch.tensor(float(state["optimizer_step"]))
+
+    def state_bytes(self) -> dict:
+        size = lambda t: t.numel() * t.element_size()
+        module = self.engine.module
+        return {"weight_bytes": sum(size(t) for t in list(module.parameters()) + list(module.buffers())),
+                "grad_bytes": sum(size(p) for p in self.params),
+                "optimizer_bytes": sum(size(v) for s in self._base.state.values() for v in s.values() if torch.is_tensor(v))}
