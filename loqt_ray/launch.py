@@ -170,17 +170,21 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 def _follow(path: Path, bar, done: threading.Event) -> None:
-    """Move the progress bar as rank 0 appends metrics."""
-    seen = len(read_metrics(path.parent))
+    """Move the progress bar as rank 0 appends metrics (reading only what is new)."""
+    offset = path.stat().st_size if path.exists() else 0
     while True:
         stopping = done.wait(0.5)
-        rows = read_metrics(path.parent)
-        for metrics in rows[seen:]:
-            bar.update(metrics["step"] - bar.n)
-            shown = {"loss": f"{metrics['train_loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
-            if "val_ppl" in metrics:
-                shown["ppl"] = f"{metrics['val_ppl']:.1f}"
-            bar.set_postfix(shown)
-        seen = len(rows)
+        if path.exists():
+            with open(path) as f:
+                f.seek(offset)
+                lines = f.readlines()
+            complete = [line for line in lines if line.endswith("\n")]  # a half-written line waits
+            offset += sum(len(line.encode()) for line in complete)
+            for metrics in map(json.loads, complete):
+                bar.update(metrics["step"] - bar.n)
+                shown = {"loss": f"{metrics['train_loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+                if "val_ppl" in metrics:
+                    shown["ppl"] = f"{metrics['val_ppl']:.1f}"
+                bar.set_postfix(shown)
         if stopping:
             return
