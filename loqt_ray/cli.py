@@ -37,6 +37,27 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import leaderboard, leaderboard_markdown, load_sweep, run_sweep
+
+    load_sweep(args.sweep_file, args.overrides)  # every check before a cluster starts
+    sweep_dir = run_sweep(args.sweep_file, args.overrides)
+    print(leaderboard_markdown(leaderboard(sweep_dir)), end="")
+    print(f"sweep: {sweep_dir}  best config: {sweep_dir / 'best.yaml'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .sweep import export
+
+    if Path(args.output).exists() and not args.force:
+        raise ConfigError(args.output, "exists; pass --force to overwrite it")
+    data = export(args.sweep_dir, args.output)
+    p = data["provenance"]
+    print(f"wrote {args.output}: trial {p['trial']} val_ppl {p['val_ppl']:.2f} after {p['tokens']:,} tokens")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loqt-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="prepare the data (documents, tokenizer, packed sequences) and print its size")
     _add_config_args(p)
     p.set_defaults(func=cmd_data)
+    p = sub.add_parser("sweep", help="Ray Tune + Optuna + ASHA over a search space; rerun to resume")
+    p.add_argument("sweep_file", help="a sweep YAML such as jobs/sweep.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("export", help="write the best trial of a sweep as a production training config")
+    p.add_argument("sweep_dir")
+    p.add_argument("-o", "--output", default="best.yaml")
+    p.add_argument("--force", action="store_true", help="overwrite the output file")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

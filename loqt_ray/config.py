@@ -122,6 +122,35 @@ class Config:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class AshaConfig:
+    enabled: bool = True
+    grace_period_tokens: int = 100_000   # no trial is stopped before this many tokens
+    reduction_factor: int = 3
+
+
+@dataclass
+class SweepSettings:
+    name: str = "sweep"
+    storage_path: str = "runs/sweeps"
+    search_space: str = "search_spaces/cpu_tiny.yaml"
+    num_samples: int = 8
+    max_concurrent_trials: int = 1
+    tokens_per_trial: int = 500_000
+    eval_every_tokens: int = 100_000
+    seed: int = 0
+
+
+@dataclass
+class SweepConfig:
+    """jobs/sweep.yaml: the sweep, ASHA, the trial config (model ... scale) and `production`,
+    the overrides the export applies to the best trial's config for a long run."""
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    production: dict = field(default_factory=dict)
+    trial: Config = field(default_factory=Config)
+
+
 # ---------------------------------------------------------------- conversion
 
 def _type_name(tp: Any) -> str:
@@ -152,6 +181,10 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         return [_convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, name)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"must be a mapping (got {value!r})")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(name, f"must be true or false (got {value!r})")

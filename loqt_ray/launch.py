@@ -110,12 +110,15 @@ def start_ray(address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
-        # A local cluster binds to 127.0.0.1 and starts no dashboard; `address` joins a running one.
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"_node_ip_address": "127.0.0.1"}))
+        # A local cluster binds to 127.0.0.1, dashboard included: Ray Train's placement-group
+        # cleaner asks the dashboard's state API whether a stopped trial's controller is gone,
+        # and without it every trial ASHA stops leaks its workers' CPUs. `address` joins a cluster.
+        ray.init(address=address, log_to_driver=False,
+                 **({} if address else {"_node_ip_address": "127.0.0.1", "include_dashboard": True,
+                                        "dashboard_host": "127.0.0.1"}))
 
 
-def make_trainer(cfg: Config, out: Path, resume_from: Path | None):
+def make_trainer(cfg: Config, out: Path, resume_from: Path | None, callbacks: list = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -128,7 +131,7 @@ def make_trainer(cfg: Config, out: Path, resume_from: Path | None):
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.train.name, storage_path=str(out.parent),
-                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             failure_config=FailureConfig(max_failures=s.max_failures), callbacks=list(callbacks),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
     )
 

@@ -212,6 +212,9 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
         checkpoint = save is not None and (last or (t.checkpoint_every and done % t.checkpoint_every == 0))
         if done % t.log_every == 0 or done % t.eval_every == 0 or last or checkpoint:
             (loss_total,) = all_reduce_sum([loss_sum.item() * t.grad_accum / loss_count], device, world_size)
+            if not math.isfinite(loss_total):  # stop before a checkpoint could hold the broken state
+                raise FloatingPointError(f"train loss is {loss_total} at step {done}; the last checkpoint is "
+                                         "kept: lower optim.lr or raise optim.warmup_steps and resume")
             metrics = {"step": done, "tokens": done * tokens_per_step, "lr": lr, "train_loss": loss_total / world_size,
                        "tokens_per_s": done * tokens_per_step / max(counters["train_time"], 1e-9),
                        "epoch": stream.epoch, "memory_mb": peak_memory_mb(device), "updates": counters["updates"],

@@ -1,0 +1,93 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loqt_ray.cli import main
+from loqt_ray.config import ConfigError, load_config
+from loqt_ray.search_space import check_space, parse_space
+from loqt_ray.sweep import export, leaderboard, load_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("space", ["cpu_tiny", "gpu_60m", "gpu_350m"])
+def test_shipped_spaces_are_valid_for_their_models(space):
+    size = {"cpu_tiny": "tiny", "gpu_60m": "60m", "gpu_350m": "350m"}[space]
+    path = ROOT / "search_spaces" / f"{space}.yaml"
+    check_space(parse_space(path), {"model": {"size": size}}, path)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"loqt.rank": {"choice": []}}, "params.loqt.rank: choice needs a non-empty list"),
+    ({"loqt.rank": {"normal": [1, 2]}}, "params.loqt.rank: must be one of"),
+    ({"optim.lr": {"loguniform": [0, 1]}}, "loguniform needs low > 0"),
+    ({"optim.lr": {"uniform": [0.1, 0.01]}}, "low < high"),
+    ({"loqt.rank": {"choice": [8, 256]}}, "rank 256 does not fit the tiny model"),
+    ({"loqt.quant_block_size": {"choice": [64, 48]}}, "params.loqt.quant_block_size: must be one of 32"),
+    ({"loqt.update_interval": {"choice": [20, 30]}, "loqt.refresh_interval": {"choice": [40]}},
+     "params.loqt.refresh_interval: must be a multiple"),
+    ({"loqt.rnak": {"choice": [8]}}, "params.loqt.rnak: unknown key"),
+])
+def test_bad_search_spaces_are_refused_before_any_trial(tmp_path, params, message):
+    path = write(tmp_path, "space.yaml", {"params": params})
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        check_space(parse_space(path), {"model": {"size": "tiny"}}, path)
+
+
+def test_sweep_file_errors_exit_2_before_a_cluster_starts(tmp_path, capsys):
+    bad = yaml.safe_load((ROOT / "jobs" / "sweep.yaml").read_text())
+    bad["sweep"]["search_space"] = str(ROOT / "search_spaces" / "cpu_tiny.yaml")
+    bad["production"]["model"] = {"size": "2b"}
+    path = write(tmp_path, "sweep.yaml", bad)
+    assert main(["sweep", str(path), "--set", f"sweep.storage_path={tmp_path}/s"]) == 2
+    assert "production.model.size" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--set", "asha.reduction_factor=1"]) == 2
+    assert not (tmp_path / "s").exists()
+    assert main(["export", str(tmp_path), "-o", str(tmp_path / "best.yaml")]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
+    """A real sweep: local Ray, Optuna TPE, ASHA, 4 trials of 1 DeepSpeed worker each."""
+    import ray
+
+    spec = yaml.safe_load((ROOT / "jobs" / "sweep.yaml").read_text())
+    spec["sweep"].update(name="t", storage_path=str(tmp_path / "sweeps"), num_samples=4, tokens_per_trial=8 * 64 * 24,
+                         eval_every_tokens=8 * 64 * 6, search_space=str(ROOT / "search_spaces" / "cpu_tiny.yaml"))
+    spec["asha"]["grace_period_tokens"] = 8 * 64 * 6
+    spec["trial"]["model"] = {"size": "nano"}
+    spec["trial"]["data"] = {"data_dir": data_dir, "vocab_size": 2048, "seq_len": 64}
+    spec["trial"]["train"] = {"micro_batch_size": 8, "eval_tokens": 2048}
+    spec["trial"]["scale"]["cpus_per_worker"] = 0.5
+    path = write(tmp_path, "sweep.yaml", spec)
+    try:
+        assert main(["sweep", str(path)]) == 0
+        sweep_dir = tmp_path / "sweeps" / "t"
+        rows = leaderboard(sweep_dir)
+        assert len(rows) == 4 and all(r["status"] in ("completed", "stopped early") for r in rows)
+        assert all(0 < r["tokens"] <= 8 * 64 * 24 for r in rows)
+        assert rows[0]["val_ppl"] == min(r["val_ppl"] for r in rows)
+        assert "| trial | status | tokens | val ppl |" in (sweep_dir / "leaderboard.md").read_text()
+
+        best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+        assert best["provenance"]["trial"] == rows[0]["trial"] and best["model"]["size"] == "60m"
+        assert best["loqt"]["rank"] == rows[0]["params"]["loqt.rank"]
+        cfg = load_config(sweep_dir / "best.yaml")  # `loqt-ray train --config best.yaml` accepts it as is
+        assert cfg.train.steps == 10000 and cfg.scale.use_gpu
+
+        # Rerunning resumes: finished trials are not run again.
+        logs = {r["dir"]: Path(r["dir"], "train", "metrics.jsonl").read_text() for r in rows}
+        assert main(["sweep", str(path)]) == 0
+        assert {r["dir"]: Path(r["dir"], "train", "metrics.jsonl").read_text() for r in leaderboard(sweep_dir)} == logs
+        assert main(["export", str(sweep_dir), "-o", str(sweep_dir / "best.yaml")]) == 2  # no silent overwrite
+    finally:
+        ray.shutdown()
