@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-asha clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -13,9 +13,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The CPU demo sweep: a local Ray, 6 LoQT trials under Optuna + ASHA, then the leaderboard,
+# runs/sweeps/demo-sweep/{best.yaml,report/}. Rerunning resumes (a finished sweep just reprints).
 demo: $(STAMP)
-	rm -rf runs/demo
-	.venv/bin/loqt-ray train --config jobs/demo.yaml
+	.venv/bin/loqt-ray sweep jobs/sweep.yaml
+
+bench-asha: $(STAMP)
+	$(PY) bench/bench_asha.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

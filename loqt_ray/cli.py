@@ -58,6 +58,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.sweep_dir, args.output)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loqt-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="best.yaml")
     p.add_argument("--force", action="store_true", help="overwrite the output file")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("report", help="plots (val ppl vs tokens, importances) and a markdown summary of a sweep")
+    p.add_argument("sweep_dir")
+    p.add_argument("-o", "--output", help="report directory (default: SWEEP_DIR/report)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -8,6 +8,7 @@ field and what is allowed. The CLI turns a ConfigError into one line and exit 2.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -258,6 +259,18 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+# Under `ray job submit` a job runs in a temporary copy of its working directory, which
+# Ray may delete; jobs/runtime_env.yaml sets this so that runs, sweeps and data caches
+# given as relative paths land in a directory that outlives the job.
+HOME_ENV = "LOQT_RAY_HOME"
+
+
+def rooted(path: str) -> str:
+    """A relative output/cache path, rooted at $LOQT_RAY_HOME when that is set."""
+    root = os.environ.get(HOME_ENV)
+    return str(Path(root).expanduser() / path) if root and not Path(path).is_absolute() else path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     data = read_yaml(path) if path else {}
     data.pop("provenance", None)  # written by `loqt-ray export`; informative only
@@ -265,6 +278,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         apply_override(data, assignment)
     cfg = from_dict(Config, data)
     validate(cfg)
+    cfg.data.data_dir, cfg.train.output_dir = rooted(cfg.data.data_dir), rooted(cfg.train.output_dir)
     return cfg
 
 

@@ -110,9 +110,11 @@ def start_ray(address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
-        # A local cluster binds to 127.0.0.1, dashboard included: Ray Train's placement-group
+        # A local cluster keeps its dashboard on 127.0.0.1: Ray Train's placement-group
         # cleaner asks the dashboard's state API whether a stopped trial's controller is gone,
-        # and without it every trial ASHA stops leaks its workers' CPUs. `address` joins a cluster.
+        # and without it every trial ASHA stops leaks its workers' CPUs. `address` (or the
+        # RAY_ADDRESS that `ray job submit` sets for its jobs) joins an existing cluster.
+        address = address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, log_to_driver=False,
                  **({} if address else {"_node_ip_address": "127.0.0.1", "include_dashboard": True,
                                         "dashboard_host": "127.0.0.1"}))

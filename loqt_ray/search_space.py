@@ -45,6 +45,20 @@ class Param:
         return {"uniform": tune.uniform, "loguniform": tune.loguniform, "int": tune.randint}[self.kind](
             low, high + 1 if self.kind == "int" else high)  # randint's upper bound is exclusive
 
+    def optuna(self):
+        """The same distribution for Optuna, which the sweep report rebuilds its study with."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.kind == "choice":
+            return CategoricalDistribution(list(self.values))
+        low, high = self.values
+        if self.kind == "int":
+            return IntDistribution(low, high)
+        return FloatDistribution(low, high, log=self.kind == "loguniform")
+
+    def to_yaml(self) -> dict:
+        return {self.key: {self.kind: list(self.values)}}
+
 
 def parse_space(path: str | Path) -> list[Param]:
     data = read_yaml(path)

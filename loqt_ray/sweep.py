@@ -18,17 +18,25 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError, SweepConfig, apply_override, from_dict, read_yaml, validate
+from .config import (Config, ConfigError, DataConfig, SweepConfig, apply_override, from_dict, read_yaml, rooted,
+                     validate)
 from .search_space import Param, apply_params, check_space, parse_space
 
 TRIAL_RUN = "train"  # the Ray Train run inside each trial directory
+SPACE_FILE = "search_space.yaml"  # the space as the sweep ran it, for the report
+
+
+def effective_sweep(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The sweep file as read, with its --set overrides applied."""
+    data = read_yaml(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return data
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig, dict, list[Param]]:
     """The validated sweep, its trial config as a dict (every trial's base) and the search space."""
-    data = read_yaml(path)
-    for assignment in overrides:
-        apply_override(data, assignment)
+    data = effective_sweep(path, overrides)
     sweep = from_dict(SweepConfig, data)
     s, a = sweep.sweep, sweep.asha
     for key in ("num_samples", "max_concurrent_trials", "tokens_per_trial", "eval_every_tokens"):
@@ -50,6 +58,9 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
     params = parse_space(space_path)
     check_space(params, base, space_path)
     production_config(base, sweep.production)  # the export must be possible before any trial runs
+    s.storage_path = rooted(s.storage_path)
+    data_section = base.get("data") or {}
+    base["data"] = {**data_section, "data_dir": rooted(data_section.get("data_dir", DataConfig.data_dir))}
     return sweep, base, params
 
 
@@ -106,12 +117,17 @@ def run_sweep(path: str | Path, overrides: list[str] = ()) -> Path:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from .data import prepare
     from .launch import start_ray
+    from .report import write_report
 
     sweep, base, params = load_sweep(path, overrides)
     s = sweep.sweep
     sweep_dir = Path(s.storage_path).resolve() / s.name
-    raw = Path(path).read_bytes()
+    effective = effective_sweep(path, overrides)
+    # Data, tokenizer and packed sequences once, here, rather than by concurrent trials racing
+    # on the same cache (the cache must be on storage every node sees, as for any Ray run).
+    prepare(from_dict(Config, base).data)
     start_ray(sweep.trial.scale.address)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, sweep_dict=dataclasses.asdict(sweep)), {"cpu": 0.1})
@@ -119,7 +135,10 @@ def run_sweep(path: str | Path, overrides: list[str] = ()) -> Path:
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / "sweep.yaml").write_bytes(raw)
+        (sweep_dir / "sweep.yaml").write_text(f"# {path} with {list(overrides)}\n"
+                                              + yaml.safe_dump(effective, sort_keys=False))
+        space = {k: v for p in params for k, v in p.to_yaml().items()}
+        (sweep_dir / SPACE_FILE).write_text(yaml.safe_dump({"params": space}, sort_keys=False))
         scheduler = (ASHAScheduler(time_attr="tokens", max_t=s.tokens_per_trial, grace_period=sweep.asha.grace_period_tokens,
                                    reduction_factor=sweep.asha.reduction_factor)
                      if sweep.asha.enabled else FIFOScheduler())
@@ -133,6 +152,7 @@ def run_sweep(path: str | Path, overrides: list[str] = ()) -> Path:
     rows = leaderboard(sweep_dir)
     (sweep_dir / "leaderboard.md").write_text(leaderboard_markdown(rows))
     export(sweep_dir, sweep_dir / "best.yaml")
+    write_report(sweep_dir, sweep_dir / "report")
     return sweep_dir
 
 
@@ -153,6 +173,7 @@ def leaderboard(sweep_dir: Path) -> list[dict]:
             "status": "failed" if error else "completed" if finished else "stopped early",
             "tokens": evals[-1]["tokens"] if evals else 0,
             "val_ppl": evals[-1]["val_ppl"] if evals else float("inf"),
+            "curve": [(m["tokens"], m["val_ppl"]) for m in evals],
             "params": json.loads((trial_dir / "params.json").read_text()) if (trial_dir / "params.json").exists() else {},
             "config": cfg,
         })
@@ -183,6 +204,8 @@ def export(sweep_dir: str | Path, out: str | Path) -> dict:
     sweep = read_yaml(sweep_file)
     trial = copy.deepcopy(best["config"])
     trial["train"].update(output_dir="runs", name=f"{sweep.get('sweep', {}).get('name', 'sweep')}-best")
+    # The data cache as the sweep file wrote it, not as $LOQT_RAY_HOME rooted it for the trials.
+    trial["data"]["data_dir"] = ((sweep.get("trial") or {}).get("data") or {}).get("data_dir", DataConfig.data_dir)
     cfg = production_config(trial, sweep.get("production") or {})
     data = cfg.to_dict()
     data["provenance"] = {"sweep": str(sweep_dir), "trial": best["trial"], "val_ppl": best["val_ppl"],

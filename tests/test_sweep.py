@@ -52,6 +52,7 @@ def test_sweep_file_errors_exit_2_before_a_cluster_starts(tmp_path, capsys):
     assert main(["sweep", str(path), "--set", "asha.reduction_factor=1"]) == 2
     assert not (tmp_path / "s").exists()
     assert main(["export", str(tmp_path), "-o", str(tmp_path / "best.yaml")]) == 2
+    assert main(["report", str(tmp_path)]) == 2 and "no trial has started yet" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -83,6 +84,14 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
         assert best["loqt"]["rank"] == rows[0]["params"]["loqt.rank"]
         cfg = load_config(sweep_dir / "best.yaml")  # `loqt-ray train --config best.yaml` accepts it as is
         assert cfg.train.steps == 10000 and cfg.scale.use_gpu
+
+        # The report: plots and a summary from the sweep directory's files alone.
+        summary = (sweep_dir / "report" / "summary.md").read_text()
+        assert f"Best: trial {rows[0]['trial']}" in summary and "Parameter importances (PED-ANOVA" in summary
+        for png in ("val_ppl", "importances", "parallel_coordinates"):
+            assert (sweep_dir / "report" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert main(["report", str(sweep_dir), "-o", str(tmp_path / "r")]) == 0
+        assert (tmp_path / "r" / "summary.md").read_text() == summary
 
         # Rerunning resumes: finished trials are not run again.
         logs = {r["dir"]: Path(r["dir"], "train", "metrics.jsonl").read_text() for r in rows}
