@@ -30,6 +30,10 @@ class ConfigError(ValueError):
         super().__init__(f"{field_name}: {message}")
 
 
+class RunStopped(RuntimeError):
+    """Training stopped on purpose (a non-finite loss); the last good checkpoint is kept."""
+
+
 @dataclass
 class ModelConfig:
     size: str = "tiny"                 # a name from models.MODEL_SIZES
@@ -329,6 +333,10 @@ def validate(cfg: Config) -> None:
     if d.max_documents is not None:
         _require(d.max_documents >= 2, "data.max_documents", f"must be >= 2 (got {d.max_documents})")
     validate_loqt(cfg.loqt)
+    shape = MODEL_SIZES.get(m.size) if m.path is None else None
+    if shape is not None and cfg.loqt.method != "full":  # every wrapped matrix has one side = hidden
+        _require(cfg.loqt.rank <= shape.hidden, "loqt.rank", f"rank {cfg.loqt.rank} does not fit the {m.size} "
+                 f"model's {shape.hidden}-wide layers (must be <= {shape.hidden})")
     _require(o.lr > 0, "optim.lr", f"must be > 0 (got {o.lr})")
     _require(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be in [0, 1) (got {list(o.betas)})")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (got {o.grad_clip})")

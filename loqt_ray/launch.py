@@ -15,12 +15,14 @@ import json
 import os
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 
 import torch
 import yaml
 
-from .config import Config, ConfigError, from_dict
+from .config import Config, ConfigError, RunStopped, from_dict
+from .data import prepare
 
 STATE_FILE = "state.pt"
 
@@ -38,6 +40,17 @@ def latest_checkpoint(out: Path) -> Path | None:
         if step > best_step:
             best, best_step = state.parent, step
     return best
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """Cheap integrity check without loading: a torch checkpoint is a zip whose directory sits at
+    the end, so a truncated or foreign file fails here instead of inside a worker."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ConfigError(str(path), f"truncated or not a torch checkpoint ({exc}); delete that checkpoint "
+                          "directory to resume from an earlier one") from None
 
 
 def load_state(path: Path) -> dict:
@@ -151,8 +164,13 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
         if saved.get("model") != cfg.to_dict()["model"] or saved.get("loqt") != cfg.to_dict()["loqt"]:
             raise ConfigError("train.name", f"{out} was trained with another model or loqt section; "
                               "resume with the same settings or choose another name")
+        check_checkpoint_file(resume_from / STATE_FILE)
+    # Data, tokenizer and packed sequences once, here: a bad source or tokenizer fails before any
+    # cluster starts, and workers never race to build the same cache.
+    data = prepare(cfg.data)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    data.tokenizer.save_pretrained(str(out / "tokenizer"))  # the run is self-contained for export-hf
     start_ray(cfg.scale.address)
     previous = read_metrics(out)
     bar = tqdm(total=cfg.train.steps, initial=previous[-1]["step"] if previous else 0, desc=cfg.train.name,
@@ -162,6 +180,12 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     tail.start()
     try:
         make_trainer(cfg, out, resume_from).fit()
+    except Exception as exc:
+        # A non-finite loss is the user's to fix (lr, warmup), not a crash: one clear line.
+        for failure in (getattr(exc, "worker_failures", None) or {}).values():
+            if isinstance(failure, FloatingPointError):
+                raise RunStopped(str(getattr(failure, "cause", failure)).strip().splitlines()[-1]) from None
+        raise
     finally:
         done.set()
         tail.join()

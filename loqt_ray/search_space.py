@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, from_dict, read_yaml, validate
-from .models import MODEL_SIZES
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 MAX_CORNERS = 4096
@@ -105,12 +104,7 @@ def check_space(params: list[Param], base: dict, space_path: str | Path) -> None
     for combo in corners:
         values = dict(zip((p.key for p in params), combo))
         try:
-            cfg = apply_params(base, values)
+            apply_params(base, values)
         except ConfigError as exc:
             raise ConfigError(f"{space_path}: params.{exc.field}", f"{str(exc).split(': ', 1)[1]} at {values}") from None
-        shape = MODEL_SIZES.get(cfg.model.size)
-        if shape is not None and cfg.loqt.method != "full" and cfg.loqt.rank > min(shape.hidden, shape.intermediate):
-            raise ConfigError(f"{space_path}: params.loqt.rank",
-                              f"rank {cfg.loqt.rank} does not fit the {cfg.model.size} model's "
-                              f"{shape.hidden}-wide layers")
 

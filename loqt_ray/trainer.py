@@ -109,15 +109,27 @@ class PlainEngine:
         return float(norm)
 
 
-def merge_and_refresh(layers, engine, refresh: bool, compensation_iters: int, world_size: int) -> None:
+def stop_if_not_finite(what: str, value: float, step: int) -> None:
+    """Raise before a merge or a checkpoint could store the broken state."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} is not finite ({value}) at step {step}; the last checkpoint is kept: "
+                                 "lower optim.lr or raise optim.warmup_steps and resume")
+
+
+def merge_and_refresh(layers, engine, refresh: bool, compensation_iters: int, world_size: int, step: int) -> None:
     """Merge every LoQT layer (and refresh P on refresh steps), one layer at a time so that
-    only one gradient buffer is being worked on; B goes back through the engine."""
+    only one gradient buffer is being worked on; B goes back through the engine. B and the
+    gradient are identical on every rank here, so every rank takes the same decision."""
     for layer in layers:
         grad = layer.take_gradient() if refresh else None
         if grad is not None and world_size > 1:  # every rank must compute the same P
             torch.distributed.all_reduce(grad)
             grad /= world_size
-        engine.set_param(layer.B, layer.update(engine.full_precision(layer.B), grad, compensation_iters))
+        b = engine.full_precision(layer.B)
+        stop_if_not_finite("B", float(b.abs().max()), step)
+        if grad is not None:
+            stop_if_not_finite("the refresh gradient", float(grad.abs().max()), step)
+        engine.set_param(layer.B, layer.update(b, grad, compensation_iters))
 
 
 def all_reduce_sum(values: list[float], device: torch.device, world_size: int) -> list[float]:
@@ -203,7 +215,7 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
         engine.step()
         if layers and schedule.is_update(step):
             update_start = time.perf_counter()
-            merge_and_refresh(layers, engine, refresh, cfg.loqt.compensation_iters, world_size)
+            merge_and_refresh(layers, engine, refresh, cfg.loqt.compensation_iters, world_size, step + 1)
             counters["update_time"] += time.perf_counter() - update_start
             counters["updates"] += 1
         counters["train_time"] += time.perf_counter() - start
@@ -212,9 +224,7 @@ def train(cfg: Config, report: Optional[Report] = None, rank: int = 0, world_siz
         checkpoint = save is not None and (last or (t.checkpoint_every and done % t.checkpoint_every == 0))
         if done % t.log_every == 0 or done % t.eval_every == 0 or last or checkpoint:
             (loss_total,) = all_reduce_sum([loss_sum.item() * t.grad_accum / loss_count], device, world_size)
-            if not math.isfinite(loss_total):  # stop before a checkpoint could hold the broken state
-                raise FloatingPointError(f"train loss is {loss_total} at step {done}; the last checkpoint is "
-                                         "kept: lower optim.lr or raise optim.warmup_steps and resume")
+            stop_if_not_finite("the train loss", loss_total, done)
             metrics = {"step": done, "tokens": done * tokens_per_step, "lr": lr, "train_loss": loss_total / world_size,
                        "tokens_per_s": done * tokens_per_step / max(counters["train_time"], 1e-9),
                        "epoch": stream.epoch, "memory_mb": peak_memory_mb(device), "updates": counters["updates"],
