@@ -55,6 +55,7 @@ def load_trained(source: str | Path) -> tuple[Config, nn.Module, object]:
     shapes_fit = len(values) == len(params) and all(v.shape == p.shape for v, p in zip(values, params))
     try:
         missing, unexpected = model.load_state_dict(state["buffers"], strict=False)
+        unexpected += sorted(set(missing) - {name for name, _ in model.named_parameters()})  # buffers absent
     except RuntimeError as exc:  # a size mismatch
         shapes_fit, unexpected = False, [str(exc).splitlines()[-1].strip()]
     if not shapes_fit or unexpected:
