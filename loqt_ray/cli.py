@@ -40,11 +40,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import leaderboard, leaderboard_markdown, load_sweep, run_sweep
+    from .sweep import run_sweep
 
-    load_sweep(args.sweep_file, args.overrides)  # every check before a cluster starts
-    sweep_dir = run_sweep(args.sweep_file, args.overrides)
-    print(leaderboard_markdown(leaderboard(sweep_dir)), end="")
+    sweep_dir = run_sweep(args.sweep_file, args.overrides)  # validates everything before a cluster starts
+    print((sweep_dir / "leaderboard.md").read_text(), end="")
     print(f"sweep: {sweep_dir}  best config: {sweep_dir / 'best.yaml'}")
     return 0
 

@@ -16,6 +16,7 @@ from .config import Config, ConfigError, load_config
 from .launch import STATE_FILE, latest_checkpoint, load_state
 from .loqt import LoQTLinear, apply_loqt, loqt_layers
 from .models import build_model
+from .trainer import load_buffers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,20 +53,16 @@ def load_trained(source: str | Path) -> tuple[Config, nn.Module, object]:
                                    path=cfg.model.path), cfg.loqt)
     params = [p for p in model.parameters() if p.requires_grad]
     values = state["engine"].get("params", [])
-    shapes_fit = len(values) == len(params) and all(v.shape == p.shape for v, p in zip(values, params))
     try:
-        missing, unexpected = model.load_state_dict(state["buffers"], strict=False)
-        unexpected += sorted(set(missing) - {name for name, _ in model.named_parameters()})  # buffers absent
-    except RuntimeError as exc:  # a size mismatch
-        shapes_fit, unexpected = False, [str(exc).splitlines()[-1].strip()]
-    if not shapes_fit or unexpected:
-        raise ConfigError(str(state_path), f"does not fit the model in {config_path} "
-                          f"({cfg.model.size}, loqt {cfg.loqt.method} rank {cfg.loqt.rank}): {unexpected[:1]}")
+        load_buffers(model, state["buffers"])
+        if len(values) != len(params) or any(v.shape != p.shape for v, p in zip(values, params)):
+            raise ValueError("its trainable values have other shapes")
+    except ValueError as exc:
+        raise ConfigError(str(state_path), f"does not fit the model in {config_path} ({cfg.model.size}, "
+                          f"loqt {cfg.loqt.method} rank {cfg.loqt.rank}): {exc}") from None
     with torch.no_grad():
         for p, v in zip(params, values):
             p.copy_(v)
-    for _, layer in loqt_layers(model):
-        layer.initial_weight = None  # W already holds its trained value
     return cfg, model, tokenizer
 
 

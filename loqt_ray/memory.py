@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 from .config import LINEAR_NAMES
-from .models import MODEL_SIZES, ModelShape
+from .models import MODEL_SIZES, ModelShape, linear_shapes, other_tensors
 
 METHODS = ("full", "lora", "galore", "loqt", "loqt-nq")
 OPTIMIZERS = ("adamw", "adam8bit")
@@ -70,19 +70,6 @@ def nf4_bytes(numel: int, block_size: int = 64, double_quant: bool = True) -> in
     return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 256 * 4 + 4 + code
 
 
-def wrapped_shapes(shape: ModelShape, targets=LINEAR_NAMES) -> list[tuple[int, int]]:
-    """(out, in) of every wrapped linear in the model."""
-    h, i = shape.hidden, shape.intermediate
-    per_layer = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
-                 "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-    return [per_layer[name] for _ in range(shape.layers) for name in LINEAR_NAMES if name in targets]
-
-
-def other_tensors(shape: ModelShape, vocab: int) -> list[int]:
-    """Sizes of the parameters no method wraps: embedding, lm_head, the norms."""
-    return [vocab * shape.hidden, vocab * shape.hidden, shape.hidden] + [shape.hidden] * (2 * shape.layers)
-
-
 def adam_bytes(sizes: list[int], a: Assumptions) -> float:
     """Two moments (+ step counters) for trainable tensors of these sizes."""
     total = a.step_counter_bytes * len(sizes)
@@ -110,7 +97,7 @@ def activation_bytes(shape: ModelShape, vocab: int, batch: int, seq: int, rank: 
 def estimate(size: str, method: str, rank: int, vocab: int = 32000, batch: int = 1, seq: int = 256,
              a: Assumptions = Assumptions()) -> Estimate:
     shape = MODEL_SIZES[size]
-    mats = [(min(o, i), max(o, i)) for o, i in wrapped_shapes(shape)]  # (m, n) with m <= n
+    mats = [(min(o, i), max(o, i)) for o, i in linear_shapes(shape)]  # (m, n) with m <= n
     ranks = [min(rank, m) for m, _ in mats]
     others = other_tensors(shape, vocab)
     pb, gb = a.param_bytes, a.grad_bytes

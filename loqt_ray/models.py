@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from .config import LINEAR_NAMES
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -52,11 +54,22 @@ def llama_config(size: str, vocab_size: int, max_position_embeddings: int = 1024
     )
 
 
+def linear_shapes(shape: ModelShape) -> list[tuple[int, int]]:
+    """(out, in) of every attention and MLP linear, layer by layer (the matrices LoQT wraps)."""
+    h, i = shape.hidden, shape.intermediate
+    per_layer = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
+                 "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return [per_layer[name] for _ in range(shape.layers) for name in LINEAR_NAMES]
+
+
+def other_tensors(shape: ModelShape, vocab_size: int) -> list[int]:
+    """Sizes of every other parameter: untied embedding and lm_head, the final and per-layer norms."""
+    return [vocab_size * shape.hidden, vocab_size * shape.hidden, shape.hidden] + [shape.hidden] * (2 * shape.layers)
+
+
 def parameter_count(size: str, vocab_size: int) -> int:
-    """Closed form: untied embedding and lm_head, 4 attention + 3 MLP matrices, 2 norms a layer."""
     s = MODEL_SIZES[size]
-    per_layer = 4 * s.hidden * s.hidden + 3 * s.hidden * s.intermediate + 2 * s.hidden
-    return 2 * vocab_size * s.hidden + s.layers * per_layer + s.hidden
+    return sum(o * i for o, i in linear_shapes(s)) + sum(other_tensors(s, vocab_size))
 
 
 def build_model(size: str, vocab_size: int, max_position_embeddings: int = 1024, seed: int = 0,

@@ -153,14 +153,23 @@ def checkpoint_state(model: torch.nn.Module, engine, stream: SequenceStream, ste
             "engine": engine.state_dict()}
 
 
-def restore(state: dict, model: torch.nn.Module, engine, stream: SequenceStream) -> None:
+def load_buffers(model: torch.nn.Module, buffers: dict) -> None:
+    """A checkpoint's buffers (NF4 W with its quant state, P) into `model`; ValueError if they do
+    not fit it. Trainable values come separately (through the engine, or copied by export-hf)."""
     params = {name for name, _ in model.named_parameters()}
-    missing, unexpected = model.load_state_dict(state["buffers"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(buffers, strict=False)
+    except RuntimeError as exc:  # a shape mismatch
+        raise ValueError(f"checkpoint does not fit this model: {str(exc).splitlines()[-1].strip()}") from None
     if unexpected or set(missing) != params:
         raise ValueError(f"checkpoint does not fit this model: missing {sorted(set(missing) - params)[:3]}, "
                          f"unexpected {unexpected[:3]}")
     for layer in (m for _, m in loqt_layers(model)):
         layer.initial_weight = None  # step 0 has run: W already holds its compensated value
+
+
+def restore(state: dict, model: torch.nn.Module, engine, stream: SequenceStream) -> None:
+    load_buffers(model, state["buffers"])
     engine.load_state_dict(state["engine"])
     stream.load_state_dict(state["stream"])
     torch.set_rng_state(state["rng"])
