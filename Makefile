@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup demo test bench bench-asha clean
+.PHONY: setup demo test test-fast lint format bench bench-asha clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -21,8 +21,21 @@ demo: $(STAMP)
 bench-asha: $(STAMP)
 	$(PY) bench/bench_asha.py
 
-test: $(STAMP)
+# What CI runs: the linter and formatter check, then every test (Ray, DeepSpeed and job tests included).
+test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# The inner loop: everything but the multi-process tests (real Ray clusters, 2-worker DeepSpeed runs, jobs).
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	.venv/bin/ruff check loqt_ray tests bench
+	.venv/bin/ruff format --check loqt_ray tests bench
+
+format: $(STAMP)
+	.venv/bin/ruff format loqt_ray tests bench
+	.venv/bin/ruff check --fix loqt_ray tests bench
 
 bench: $(STAMP)
 	$(PY) bench/bench_loqt.py

@@ -7,6 +7,7 @@ installed), then prints one table and writes bench/results/loqt.json.
 
     .venv/bin/python bench/bench_loqt.py [--steps 300] [--size tiny]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 from loqt_ray.config import load_config
-from loqt_ray.trainer import PlainEngine, train
+from loqt_ray.engine import PlainEngine, held_bytes, optimizer_tensors
+from loqt_ray.trainer import train
 
 VARIANTS = {
     "full-rank AdamW": ["loqt.method=full"],
@@ -34,23 +36,35 @@ VARIANTS = {
 class GaLoreEngine(PlainEngine):
     """GaLore's AdamW with projected states on the attention and MLP matrices."""
 
-    def build_optimizer(self):
+    def __init__(self, model: torch.nn.Module, cfg):
         from galore_torch import GaLoreAdamW
 
-        l = self.cfg.loqt
-        targets = {id(m.weight) for name, m in self.model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in l.targets}
+        super().__init__(model, cfg)  # its AdamW holds no state until a step: replacing it costs nothing
+        loqt = cfg.loqt
+        targets = {
+            id(m.weight)
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in loqt.targets
+        }
         low_rank = [p for p in self.params if id(p) in targets]
         rest = [p for p in self.params if id(p) not in targets]
-        groups = [{"params": rest}, {"params": low_rank, "rank": l.rank, "update_proj_gap": l.update_interval,
-                                     "scale": 0.25, "proj_type": "std"}]
-        return GaLoreAdamW(groups, lr=self.cfg.optim.lr, weight_decay=self.cfg.optim.weight_decay)
+        groups = [
+            {"params": rest},
+            {
+                "params": low_rank,
+                "rank": loqt.rank,
+                "update_proj_gap": loqt.update_interval,
+                "scale": 0.25,
+                "proj_type": "std",
+            },
+        ]
+        self.optimizer = GaLoreAdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
-    def optimizer_state_tensors(self) -> list[torch.Tensor]:
+    def state_bytes(self) -> dict:
         # GaLore keeps each projection matrix inside a projector object in the state
         states = [v for state in self.optimizer.state.values() for v in state.values()]
-        return super().optimizer_state_tensors() + [v.ortho_matrix for v in states
-                                                    if torch.is_tensor(getattr(v, "ortho_matrix", None))]
+        projections = [v.ortho_matrix for v in states if torch.is_tensor(getattr(v, "ortho_matrix", None))]
+        return held_bytes(self.model, self.params, optimizer_tensors([self.optimizer]) + projections)
 
 
 def main() -> None:
@@ -61,11 +75,23 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/loqt.json")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    base = [f"model.size={args.size}", "data.seq_len=128", "data.data_dir=data", f"train.steps={args.steps}",
-            "train.micro_batch_size=16", f"train.eval_every={args.steps}", f"train.log_every={args.steps}",
-            "train.eval_tokens=65536", "optim.lr=3e-3", f"optim.warmup_steps={args.steps // 10}",
-            f"loqt.rank={args.rank}", "loqt.update_interval=30", "loqt.psi=1.5", "loqt.lora_alpha=0.5",
-            *args.overrides]
+    base = [
+        f"model.size={args.size}",
+        "data.seq_len=128",
+        "data.data_dir=data",
+        f"train.steps={args.steps}",
+        "train.micro_batch_size=16",
+        f"train.eval_every={args.steps}",
+        f"train.log_every={args.steps}",
+        "train.eval_tokens=65536",
+        "optim.lr=3e-3",
+        f"optim.warmup_steps={args.steps // 10}",
+        f"loqt.rank={args.rank}",
+        "loqt.update_interval=30",
+        "loqt.psi=1.5",
+        "loqt.lora_alpha=0.5",
+        *args.overrides,
+    ]
     try:
         import galore_torch  # noqa: F401
     except ImportError:
@@ -78,20 +104,35 @@ def main() -> None:
         final = train(cfg, make_engine=GaLoreEngine if name == "GaLore" else PlainEngine)
         final.update(variant=name, wall_s=time.perf_counter() - start)
         rows.append(final)
-        print(f"{name}: val ppl {final['val_ppl']:.2f}, {final['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+        print(
+            f"{name}: val ppl {final['val_ppl']:.2f}, {final['tokens_per_s']:.0f} tokens/s", file=sys.stderr
+        )
     ref = rows[0]
-    table = ["| variant | val ppl | ppl / full | tokens/s / full | merge+refresh share | model-state MB |",
-             "|---|---|---|---|---|---|"]
+    table = [
+        "| variant | val ppl | ppl / full | tokens/s / full | merge+refresh share | model-state MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         state = (r["weight_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]) / 2**20
-        table.append(f"| {r['variant']} | {r['val_ppl']:.2f} | {r['val_ppl'] / ref['val_ppl']:.3f} | "
-                     f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f} | {100 * r.get('update_time_share', 0):.1f} % | "
-                     f"{state:.2f} |")
+        table.append(
+            f"| {r['variant']} | {r['val_ppl']:.2f} | {r['val_ppl'] / ref['val_ppl']:.3f} | "
+            f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f} | {100 * r.get('update_time_share', 0):.1f} % | "
+            f"{state:.2f} |"
+        )
     print("\n".join(table))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": base, "machine": f"{platform.machine()}, "
-                                          f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-                                          "rows": rows, "table": table}, indent=1))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "settings": base,
+                "machine": f"{platform.machine()}, "
+                f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+                "rows": rows,
+                "table": table,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

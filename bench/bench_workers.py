@@ -5,6 +5,7 @@ runs see the same number of tokens per step; both use all of this machine's core
 
     .venv/bin/python bench/bench_workers.py [--steps 60]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,19 +29,33 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     rows = []
     for workers in (1, 2):
-        cfg = load_config("jobs/demo.yaml", [
-            f"train.name=w{workers}", f"train.output_dir={out}", f"train.steps={args.steps}",
-            f"train.micro_batch_size={8 // workers}", f"train.eval_every={args.steps}", "train.eval_tokens=8192",
-            f"scale.num_workers={workers}", f"scale.cpus_per_worker={CORES / workers * 0.9:.2f}",
-            "scale.zero_stage=2"])
+        cfg = load_config(
+            "jobs/demo.yaml",
+            [
+                f"train.name=w{workers}",
+                f"train.output_dir={out}",
+                f"train.steps={args.steps}",
+                f"train.micro_batch_size={8 // workers}",
+                f"train.eval_every={args.steps}",
+                "train.eval_tokens=8192",
+                f"scale.num_workers={workers}",
+                f"scale.cpus_per_worker={CORES / workers * 0.9:.2f}",
+                "scale.zero_stage=2",
+            ],
+        )
         final = run_training(cfg, progress=False)
         rows.append({"workers": workers, "tokens_per_s": final["tokens_per_s"], "val_ppl": final["val_ppl"]})
     shutil.rmtree(out)
     table = ["| workers | tokens/s | ratio to 1 worker | val ppl |", "|---|---|---|---|"]
-    table += [f"| {r['workers']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f} | "
-              f"{r['val_ppl']:.1f} |" for r in rows]
+    table += [
+        f"| {r['workers']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f} | "
+        f"{r['val_ppl']:.1f} |"
+        for r in rows
+    ]
     print("\n".join(table))
-    Path(args.out).write_text(json.dumps({"cores": CORES, "steps": args.steps, "rows": rows, "table": table}, indent=1))
+    Path(args.out).write_text(
+        json.dumps({"cores": CORES, "steps": args.steps, "rows": rows, "table": table}, indent=1)
+    )
 
 
 if __name__ == "__main__":

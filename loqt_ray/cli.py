@@ -1,8 +1,11 @@
-"""`loqt-ray` command line: parse, validate, dispatch. No logic of its own.
+"""`loqt-ray` command line: parse, validate, dispatch.
 
 Every bad input becomes one line on stderr naming the field, and exit code 2,
-before anything starts or anything on disk is written.
+before anything starts or anything on disk is written. Only the standard library
+and config.py (PyYAML) load at start-up; each command imports what it needs, so
+`--help` and config errors answer at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,31 +13,61 @@ import json
 import sys
 from pathlib import Path
 
-from .config import NF4_BLOCK_SIZES, ConfigError, RunStopped, load_config
-from .memory import METHODS, OPTIMIZERS
-from .models import MODEL_SIZES
+from . import results
+from .config import ConfigError, RunStopped, load_config
+
+DESCRIPTION = """Pretrain LLaMA-style models with LoQT: weights in NF4, trained through low-rank
+factors that are merged back on a schedule. Training runs under Ray Train with DeepSpeed ZeRO
+on one or more workers; sweeps search LoQT settings with Ray Tune, Optuna and ASHA."""
+EPILOG = """examples:
+  loqt-ray train --config jobs/demo.yaml --set loqt.rank=64
+  loqt-ray sweep jobs/sweep.yaml
+  loqt-ray memory --model 7b --rank 1024 --optimizer adam8bit --per-layer --gpu-gb 23
+  loqt-ray export-hf runs/demo hf/demo"""
+
+# `loqt-ray memory` shorthands: each is exactly `--set FIELD=VALUE` (flags: `--set FIELD=true`).
+MEMORY_SHORTHANDS = {
+    "--model": ("model.size", "model size (model.size)"),
+    "--rank": ("loqt.rank", "LoQT rank (loqt.rank)"),
+    "--optimizer": ("optim.name", "adamw or adam8bit (optim.name)"),
+    "--batch": ("train.micro_batch_size", "micro-batch size in sequences (train.micro_batch_size)"),
+    "--seq": ("data.seq_len", "sequence length (data.seq_len)"),
+    "--vocab": ("data.vocab_size", "vocabulary size (data.vocab_size)"),
+}
+MEMORY_FLAGS = {
+    "--per-layer": ("optim.per_layer", "per-layer optimizer updates (optim.per_layer)"),
+    "--quantize-projection": ("loqt.quantize_projection", "P in NF4 too (loqt.quantize_projection)"),
+}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config (sections: model, data, loqt, optim, train, scale)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set loqt.rank=64 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set loqt.rank=64 (repeatable)",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     from .launch import run_training
 
-    cfg = load_config(args.config, args.overrides)
     final = run_training(cfg)
-    print(f"done: {cfg.train.name} step {final['step']} tokens {final['tokens']:,} "
-          f"val_ppl {final['val_ppl']:.2f} tokens/s {final['tokens_per_s']:.0f}")
+    print(
+        f"done: {cfg.train.name} step {final['step']} tokens {final['tokens']:,} "
+        f"val_ppl {final['val_ppl']:.2f} tokens/s {final['tokens_per_s']:.0f}"
+    )
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     from .data import prepare
 
-    cfg = load_config(args.config, args.overrides)
     print(json.dumps(prepare(cfg.data).info, indent=1))
     return 0
 
@@ -43,8 +76,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
     sweep_dir = run_sweep(args.sweep_file, args.overrides)  # validates everything before a cluster starts
-    print((sweep_dir / "leaderboard.md").read_text(), end="")
-    print(f"sweep: {sweep_dir}  best config: {sweep_dir / 'best.yaml'}")
+    print((sweep_dir / results.LEADERBOARD_FILE).read_text(), end="")
+    print(f"sweep: {sweep_dir}  best config: {sweep_dir / results.BEST_FILE}")
     return 0
 
 
@@ -77,30 +110,46 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_memory(args: argparse.Namespace) -> int:
-    from .memory import GIB, Assumptions, estimate, largest_batch, table
+def _memory_overrides(args: argparse.Namespace) -> list[str]:
+    """The shorthands given, as the --set assignments they stand for, before the explicit --set ones."""
+    sets = []
+    for flag, (field, _) in MEMORY_SHORTHANDS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            sets.append(f"{field}={value}")
+    for flag, (field, _) in MEMORY_FLAGS.items():
+        if getattr(args, flag[2:].replace("-", "_")):
+            sets.append(f"{field}=true")
+    return sets + args.overrides
 
-    for name in ("rank", "vocab", "batch", "seq"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name}", f"must be a positive integer (got {getattr(args, name)})")
+
+def cmd_memory(args: argparse.Namespace) -> int:
     if args.gpu_gb is not None and args.gpu_gb <= 0:
         raise ConfigError("--gpu-gb", f"must be > 0 (got {args.gpu_gb})")
-    width = {"bf16": 2.0, "fp32": 4.0}[args.dtype]
-    a = Assumptions(param_bytes=width, grad_bytes=width, state_bytes=width, activation_bytes=width,
-                    optimizer=args.optimizer, block_size=args.block_size, double_quant=not args.no_double_quant,
-                    quantize_projection=args.quantize_projection, per_layer=args.per_layer)
+    cfg = load_config(args.config, _memory_overrides(args))
+    from .memory import GIB, METHODS, assumptions_for, estimate, largest_batch, table
+
+    if cfg.model.path is not None:
+        raise ConfigError("model.path", "the estimator needs a registry size (model.size), not a local model")
+    size, rank, vocab = cfg.model.size, cfg.loqt.rank, cfg.data.vocab_size
+    batch, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+    a = assumptions_for(cfg, {"bf16": 2.0, "fp32": 4.0}[args.dtype])
     methods = [args.method] if args.method != "all" else list(METHODS)
-    print(f"{args.model}, rank {args.rank}, vocab {args.vocab}, {args.optimizer}, {args.dtype} weights/gradients/"
-          f"states/activations, NF4 block {a.block_size}{' + double quant' if a.double_quant else ''}"
-          f"{', P in NF4' if a.quantize_projection else ''}{', per-layer updates' if a.per_layer else ''}")
-    print(table(args.model, args.rank, args.vocab, args.batch, args.seq, a, methods))
+    print(
+        f"{size}, rank {rank}, vocab {vocab}, {a.optimizer}, "
+        f"{args.dtype} weights/gradients/states/activations, "
+        f"NF4 block {a.block_size}{' + double quant' if a.double_quant else ''}"
+        f"{', P in NF4' if a.quantize_projection else ''}{', per-layer updates' if a.per_layer else ''}"
+    )
+    print(table(size, rank, vocab, batch, seq, a, methods))
     if args.gpu_gb is not None:
-        for m in methods:
-            b = largest_batch(args.model, m, args.rank, args.gpu_gb, args.vocab, args.seq, a)
-            peak = estimate(args.model, m, args.rank, args.vocab, max(b, 1), args.seq, a)
-            print(f"{m}: largest micro-batch within {args.gpu_gb:g} GiB at seq {args.seq}: {b}"
-                  + (f" (refresh steps add {peak.refresh_capture / GIB:.1f} GiB of gradient capture)"
-                     if peak.refresh_capture else ""))
+        for method in methods:
+            fits = largest_batch(size, method, rank, args.gpu_gb, vocab, seq, a)
+            peak = estimate(size, method, rank, vocab, max(fits, 1), seq, a)
+            extra = ""
+            if peak.refresh_capture:
+                extra = f" (refresh steps add {peak.refresh_capture / GIB:.1f} GiB of gradient capture)"
+            print(f"{method}: largest micro-batch within {args.gpu_gb:g} GiB at seq {seq}: {fits}{extra}")
     return 0
 
 
@@ -111,13 +160,49 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _add_memory_parser(sub) -> None:
+    p = sub.add_parser(
+        "memory",
+        help="estimate training memory per component (weights, gradients, states, activations) for "
+        "full-rank, LoRA, GaLore, LoQT and LoQT-nq",
+        description="Settings come from --config/--set like every command; the shorthands below are "
+        "exactly --set of the field named in brackets.",
+    )
+    _add_config_args(p)
+    for flag, (_, text) in MEMORY_SHORTHANDS.items():
+        p.add_argument(flag, help=text)
+    for flag, (_, text) in MEMORY_FLAGS.items():
+        p.add_argument(flag, action="store_true", help=text)
+    p.add_argument(
+        "--method",
+        default="all",
+        choices=["all", "full", "lora", "galore", "loqt", "loqt-nq"],
+        help="the column(s) to show",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["bf16", "fp32"],
+        help="width of weights, gradients, Adam moments and activations",
+    )
+    p.add_argument("--gpu-gb", type=float, help="also print the largest micro-batch that fits this many GiB")
+    p.set_defaults(func=cmd_memory)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="loqt-ray", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(
+        prog="loqt-ray",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a model (LoQT, LoQT-nq or full-rank)")
+    p = sub.add_parser("train", help="train a model (LoQT, LoQT-nq or full-rank); rerun to resume")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("data", help="prepare the data (documents, tokenizer, packed sequences) and print its size")
+    p = sub.add_parser(
+        "data", help="prepare the data (documents, tokenizer, packed sequences) and print its size"
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_data)
     p = sub.add_parser("sweep", help="Ray Tune + Optuna + ASHA over a search space; rerun to resume")
@@ -126,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("export", help="write the best trial of a sweep as a production training config")
     p.add_argument("sweep_dir")
-    p.add_argument("-o", "--output", default="best.yaml")
+    p.add_argument("-o", "--output", default=results.BEST_FILE)
     p.add_argument("--force", action="store_true", help="overwrite the output file")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("export-hf", help="fold a trained run into a plain Hugging Face LlamaForCausalLM")
@@ -135,23 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
     p.set_defaults(func=cmd_export_hf)
-    p = sub.add_parser("memory", help="estimate training memory per component (weights, gradients, states, "
-                                      "activations) for full-rank, LoRA, GaLore, LoQT and LoQT-nq")
-    p.add_argument("--model", required=True, choices=list(MODEL_SIZES))
-    p.add_argument("--method", default="all", choices=["all", *METHODS])
-    p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
-    p.add_argument("--batch", type=int, default=1, help="micro-batch size (sequences)")
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--block-size", type=int, default=64, choices=list(NF4_BLOCK_SIZES))
-    p.add_argument("--no-double-quant", action="store_true")
-    p.add_argument("--quantize-projection", action="store_true", help="P in NF4 too (the paper's memory column)")
-    p.add_argument("--per-layer", action="store_true", help="per-layer optimizer updates: gradients freed in backward")
-    p.add_argument("--gpu-gb", type=float, help="also print the largest micro-batch that fits this many GiB")
-    p.set_defaults(func=cmd_memory)
-    p = sub.add_parser("report", help="plots (val ppl vs tokens, importances) and a markdown summary of a sweep")
+    _add_memory_parser(sub)
+    p = sub.add_parser(
+        "report", help="plots (val ppl vs tokens, importances) and a markdown summary of a sweep"
+    )
     p.add_argument("sweep_dir")
     p.add_argument("-o", "--output", help="report directory (default: SWEEP_DIR/report)")
     p.set_defaults(func=cmd_report)

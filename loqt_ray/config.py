@@ -5,6 +5,7 @@ file with `yaml.safe_load`, applies `--set a.b=value` overrides, rejects unknown
 keys, checks every value's type and range, and raises `ConfigError` naming the
 field and what is allowed. The CLI turns a ConfigError into one line and exit 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,13 +14,61 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
 # Block sizes bitsandbytes' NF4 kernels accept on both CPU and CUDA.
 NF4_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A LLaMA size: the widths every wrapped matrix is made of."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of every attention and MLP linear, layer by layer (the matrices LoQT wraps)."""
+        h, i = self.hidden, self.intermediate
+        per_layer = {
+            "q_proj": (h, h),
+            "k_proj": (h, h),
+            "v_proj": (h, h),
+            "o_proj": (h, h),
+            "gate_proj": (i, h),
+            "up_proj": (i, h),
+            "down_proj": (h, i),
+        }
+        return [per_layer[name] for _ in range(self.layers) for name in LINEAR_NAMES]
+
+    def other_tensors(self, vocab_size: int) -> list[int]:
+        """Sizes of every other parameter: untied embedding and lm_head, final and per-layer norms."""
+        return [vocab_size * self.hidden, vocab_size * self.hidden, self.hidden] + [self.hidden] * (
+            2 * self.layers
+        )
+
+    def parameter_count(self, vocab_size: int) -> int:
+        return sum(o * i for o, i in self.linear_shapes()) + sum(self.other_tensors(vocab_size))
+
+
+# The paper's shapes (LoQT Table 1 and the GaLore configs), and small CPU sizes. models.py
+# builds them; validation and the memory estimator read them here, without importing torch.
+MODEL_SIZES: dict[str, ModelShape] = {
+    "nano": ModelShape(64, 176, 2, 2),
+    "tiny": ModelShape(128, 352, 4, 4),
+    "small": ModelShape(256, 688, 6, 4),
+    "60m": ModelShape(512, 1376, 8, 8),
+    "130m": ModelShape(768, 2048, 12, 12),
+    "350m": ModelShape(1024, 2736, 24, 16),
+    "1b": ModelShape(2048, 5461, 24, 32),
+    "7b": ModelShape(4096, 11008, 32, 32),
+    "13b": ModelShape(5120, 13824, 40, 40),
+}
 
 
 class ConfigError(ValueError):
@@ -36,22 +85,22 @@ class RunStopped(RuntimeError):
 
 @dataclass
 class ModelConfig:
-    size: str = "tiny"                 # a name from models.MODEL_SIZES
-    path: Optional[str] = None         # a local Hugging Face model directory (continued training)
+    size: str = "tiny"  # a name from MODEL_SIZES
+    path: str | None = None  # a local Hugging Face model directory (continued training)
     max_position_embeddings: int = 1024
 
 
 @dataclass
 class DataConfig:
-    source: str = "sotu"               # "sotu", a local file/folder (parquet, jsonl, txt), or "hf:NAME"
-    hub_config: Optional[str] = None   # e.g. "en" for allenai/c4
+    source: str = "sotu"  # "sotu", a local file/folder (parquet, jsonl, txt), or "hf:NAME"
+    hub_config: str | None = None  # e.g. "en" for allenai/c4
     text_field: str = "text"
-    data_dir: str = "data"             # caches: converted corpora, tokenizers, packed tokens
-    tokenizer: Optional[str] = None    # a local HF tokenizer directory; None trains a byte-level BPE
+    data_dir: str = "data"  # caches: converted corpora, tokenizers, packed tokens
+    tokenizer: str | None = None  # a local HF tokenizer directory; None trains a byte-level BPE
     vocab_size: int = 8192
     seq_len: int = 256
-    val_fraction: float = 0.05         # share of documents held out for validation
-    max_documents: Optional[int] = None  # cap on documents read from a hub stream
+    val_fraction: float = 0.05  # share of documents held out for validation
+    max_documents: int | None = None  # cap on documents read from a hub stream
     num_proc: int = 1
 
 
@@ -59,18 +108,18 @@ class DataConfig:
 class LoQTConfig:
     method: Literal["loqt", "loqt-nq", "full"] = "loqt"
     rank: int = 32
-    lora_alpha: float = 0.5            # used as-is, not alpha / rank (as in the paper's code)
+    lora_alpha: float = 0.5  # used as-is, not alpha / rank (as in the paper's code)
     targets: list[str] = field(default_factory=lambda: list(LINEAR_NAMES))
     quant_block_size: int = 64
     double_quant: bool = True
     quantize_projection: bool = False
     compensation_iters: int = 5
     schedule: Literal["static", "linear", "exponential"] = "exponential"
-    update_interval: int = 100         # tau: steps between merges (the first gap)
-    refresh_interval: Optional[int] = None  # steps between projection refreshes; None = every merge
-    psi: float = 1.2                   # exponential growth of the gap
-    gap_increment: int = 100           # linear growth of the gap
-    max_gap: Optional[int] = None      # cap on the gap between merges
+    update_interval: int = 100  # tau: steps between merges (the first gap)
+    refresh_interval: int | None = None  # steps between projection refreshes; None = every merge
+    psi: float = 1.2  # exponential growth of the gap
+    gap_increment: int = 100  # linear growth of the gap
+    max_gap: int | None = None  # cap on the gap between merges
 
 
 @dataclass
@@ -80,26 +129,26 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    grad_clip: float = 1.0             # 0 disables clipping
+    grad_clip: float = 1.0  # 0 disables clipping
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
-    per_layer: bool = False            # one optimizer per tensor, stepped in a grad hook
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    per_layer: bool = False  # one optimizer per tensor, stepped in a grad hook
 
 
 @dataclass
 class TrainConfig:
     name: str = "run"
     output_dir: str = "runs"
-    steps: int = 1000                  # optimizer steps (the LR and merge schedules span them)
-    stop_at_step: Optional[int] = None  # end this invocation early, with a checkpoint; rerun to go on
-    micro_batch_size: int = 16         # sequences per worker per micro-step
+    steps: int = 1000  # optimizer steps (the LR and merge schedules span them)
+    stop_at_step: int | None = None  # end this invocation early, with a checkpoint; rerun to go on
+    micro_batch_size: int = 16  # sequences per worker per micro-step
     grad_accum: int = 1
     eval_every: int = 100
     eval_tokens: int = 65536
     log_every: int = 10
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
-    checkpoint_every: int = 0          # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
 
 
@@ -110,7 +159,7 @@ class ScaleConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     zero_stage: int = 2
-    address: Optional[str] = None      # an existing Ray cluster; None starts a local one
+    address: str | None = None  # an existing Ray cluster; None starts a local one
     max_failures: int = 0
 
 
@@ -130,7 +179,7 @@ class Config:
 @dataclass
 class AshaConfig:
     enabled: bool = True
-    grace_period_tokens: int = 100_000   # no trial is stopped before this many tokens
+    grace_period_tokens: int = 100_000  # no trial is stopped before this many tokens
     reduction_factor: int = 3
 
 
@@ -150,6 +199,7 @@ class SweepSettings:
 class SweepConfig:
     """jobs/sweep.yaml: the sweep, ASHA, the trial config (model ... scale) and `production`,
     the overrides the export applies to the best trial's config for a long run."""
+
     sweep: SweepSettings = field(default_factory=SweepSettings)
     asha: AshaConfig = field(default_factory=AshaConfig)
     production: dict = field(default_factory=dict)
@@ -157,6 +207,7 @@ class SweepConfig:
 
 
 # ---------------------------------------------------------------- conversion
+
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
@@ -182,7 +233,9 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         if origin is tuple:
             if len(value) != len(args):
                 raise ConfigError(name, f"must be a list of {len(args)} values (got {value!r})")
-            return tuple(_convert(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(
+                _convert(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
         return [_convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, name)
@@ -257,7 +310,7 @@ def read_yaml(path: str | Path) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), f"not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
-        return {}
+        raise ConfigError(str(path), "config file is empty")
     if not isinstance(data, dict):
         raise ConfigError(str(path), "the top level must be a mapping of sections")
     return data
@@ -282,83 +335,174 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         apply_override(data, assignment)
     cfg = from_dict(Config, data)
     validate(cfg)
-    cfg.data.data_dir, cfg.train.output_dir = rooted(cfg.data.data_dir), rooted(cfg.train.output_dir)
+    cfg.data.data_dir = rooted(cfg.data.data_dir)
+    cfg.train.output_dir = rooted(cfg.train.output_dir)
     return cfg
 
 
 # ---------------------------------------------------------------- validation
+
 
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(name, message)
 
 
-def validate_loqt(c: LoQTConfig, prefix: str = "loqt") -> None:
-    _require(c.rank >= 1, f"{prefix}.rank", f"must be a positive integer (got {c.rank})")
-    _require(c.quant_block_size in NF4_BLOCK_SIZES, f"{prefix}.quant_block_size",
-             f"must be one of {', '.join(map(str, NF4_BLOCK_SIZES))} (got {c.quant_block_size})")
-    _require(c.compensation_iters >= 0, f"{prefix}.compensation_iters", f"must be >= 0 (got {c.compensation_iters})")
-    _require(c.lora_alpha > 0, f"{prefix}.lora_alpha", f"must be > 0 (got {c.lora_alpha})")
-    _require(bool(c.targets), f"{prefix}.targets", f"must name at least one of {', '.join(LINEAR_NAMES)}")
-    for t in c.targets:
-        _require(t in LINEAR_NAMES, f"{prefix}.targets", f"{t!r} is not one of {', '.join(LINEAR_NAMES)}")
-    _require(c.update_interval >= 1, f"{prefix}.update_interval", f"must be >= 1 (got {c.update_interval})")
-    if c.refresh_interval is not None:
-        _require(c.refresh_interval >= c.update_interval and c.refresh_interval % c.update_interval == 0,
-                 f"{prefix}.refresh_interval",
-                 f"must be a multiple of update_interval={c.update_interval} (got {c.refresh_interval})")
-    _require(c.psi > 1.0, f"{prefix}.psi", f"must be > 1 (got {c.psi})")
-    _require(c.gap_increment >= 0, f"{prefix}.gap_increment", f"must be >= 0 (got {c.gap_increment})")
-    if c.max_gap is not None:
-        _require(c.max_gap >= c.update_interval, f"{prefix}.max_gap",
-                 f"must be >= update_interval={c.update_interval} (got {c.max_gap})")
+def validate_loqt(loqt: LoQTConfig) -> None:
+    _require(loqt.rank >= 1, "loqt.rank", f"must be a positive integer (got {loqt.rank})")
+    _require(
+        loqt.quant_block_size in NF4_BLOCK_SIZES,
+        "loqt.quant_block_size",
+        f"must be one of {', '.join(map(str, NF4_BLOCK_SIZES))} (got {loqt.quant_block_size})",
+    )
+    _require(
+        loqt.compensation_iters >= 0,
+        "loqt.compensation_iters",
+        f"must be >= 0 (got {loqt.compensation_iters})",
+    )
+    _require(loqt.lora_alpha > 0, "loqt.lora_alpha", f"must be > 0 (got {loqt.lora_alpha})")
+    _require(bool(loqt.targets), "loqt.targets", f"must name at least one of {', '.join(LINEAR_NAMES)}")
+    for target in loqt.targets:
+        _require(
+            target in LINEAR_NAMES, "loqt.targets", f"{target!r} is not one of {', '.join(LINEAR_NAMES)}"
+        )
+    _require(loqt.update_interval >= 1, "loqt.update_interval", f"must be >= 1 (got {loqt.update_interval})")
+    if loqt.refresh_interval is not None:
+        multiple = (
+            loqt.refresh_interval >= loqt.update_interval
+            and loqt.refresh_interval % loqt.update_interval == 0
+        )
+        _require(
+            multiple,
+            "loqt.refresh_interval",
+            f"must be a multiple of update_interval={loqt.update_interval} (got {loqt.refresh_interval})",
+        )
+    _require(loqt.psi > 1.0, "loqt.psi", f"must be > 1 (got {loqt.psi})")
+    _require(loqt.gap_increment >= 0, "loqt.gap_increment", f"must be >= 0 (got {loqt.gap_increment})")
+    if loqt.max_gap is not None:
+        _require(
+            loqt.max_gap >= loqt.update_interval,
+            "loqt.max_gap",
+            f"must be >= update_interval={loqt.update_interval} (got {loqt.max_gap})",
+        )
+
+
+def _validate_model(model: ModelConfig) -> None:
+    if model.path is None:
+        _require(
+            model.size in MODEL_SIZES,
+            "model.size",
+            f"must be one of {', '.join(MODEL_SIZES)} (got {model.size!r})",
+        )
+    else:
+        _require(Path(model.path).is_dir(), "model.path", f"not a directory: {model.path}")
+
+
+def _validate_data(data: DataConfig, max_positions: int) -> None:
+    _require(data.seq_len >= 8, "data.seq_len", f"must be >= 8 (got {data.seq_len})")
+    _require(
+        data.seq_len <= max_positions,
+        "data.seq_len",
+        f"must be <= model.max_position_embeddings={max_positions} (got {data.seq_len})",
+    )
+    _require(
+        256 <= data.vocab_size <= 262144,
+        "data.vocab_size",
+        f"must be in [256, 262144] (got {data.vocab_size})",
+    )
+    _require(
+        0.0 < data.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5) (got {data.val_fraction})"
+    )
+    _require(data.num_proc >= 1, "data.num_proc", f"must be >= 1 (got {data.num_proc})")
+    if data.tokenizer is not None:
+        _require(Path(data.tokenizer).is_dir(), "data.tokenizer", f"not a directory: {data.tokenizer}")
+    if data.max_documents is not None:
+        _require(data.max_documents >= 2, "data.max_documents", f"must be >= 2 (got {data.max_documents})")
+
+
+def _validate_optim(optim: OptimConfig, train: TrainConfig, scale: ScaleConfig) -> None:
+    _require(optim.lr > 0, "optim.lr", f"must be > 0 (got {optim.lr})")
+    _require(
+        all(0 <= b < 1 for b in optim.betas), "optim.betas", f"must be in [0, 1) (got {list(optim.betas)})"
+    )
+    _require(optim.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (got {optim.grad_clip})")
+    _require(optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (got {optim.warmup_steps})")
+    _require(
+        0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1] (got {optim.min_lr_ratio})"
+    )
+    # Per-layer updates run on the plain engine, where ZeRO does not apply.
+    _require(
+        optim.name != "adam8bit" or scale.zero_stage == 0 or optim.per_layer,
+        "optim.name",
+        "adam8bit keeps blockwise-quantized states that ZeRO cannot partition; set scale.zero_stage=0",
+    )
+    if optim.per_layer:
+        _require(
+            scale.num_workers == 1,
+            "optim.per_layer",
+            "per-layer optimizer updates run on a single worker; set scale.num_workers=1 or per_layer=false",
+        )
+        _require(
+            train.grad_accum == 1,
+            "optim.per_layer",
+            "per-layer updates step inside backward, so gradient accumulation is impossible; "
+            "set train.grad_accum=1",
+        )
+
+
+def _validate_train(train: TrainConfig) -> None:
+    _require(
+        bool(train.name) and "/" not in train.name,
+        "train.name",
+        f"must be a non-empty name without '/' (got {train.name!r})",
+    )
+    positive = (
+        "steps",
+        "micro_batch_size",
+        "grad_accum",
+        "eval_every",
+        "eval_tokens",
+        "log_every",
+        "keep_checkpoints",
+    )
+    for key in positive:
+        value = getattr(train, key)
+        _require(value >= 1, f"train.{key}", f"must be >= 1 (got {value})")
+    if train.stop_at_step is not None:
+        _require(
+            1 <= train.stop_at_step <= train.steps,
+            "train.stop_at_step",
+            f"must be in [1, train.steps={train.steps}] (got {train.stop_at_step})",
+        )
+    _require(
+        train.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0 (got {train.checkpoint_every})"
+    )
+
+
+def _validate_scale(scale: ScaleConfig) -> None:
+    _require(scale.num_workers >= 1, "scale.num_workers", f"must be >= 1 (got {scale.num_workers})")
+    _require(
+        scale.zero_stage in (0, 1, 2),
+        "scale.zero_stage",
+        f"must be 0, 1 or 2 (got {scale.zero_stage}); "
+        "ZeRO-3 cannot partition bitsandbytes' uint8 NF4 weights",
+    )
+    _require(scale.cpus_per_worker > 0, "scale.cpus_per_worker", f"must be > 0 (got {scale.cpus_per_worker})")
+    _require(scale.max_failures >= -1, "scale.max_failures", f"must be >= -1 (got {scale.max_failures})")
 
 
 def validate(cfg: Config) -> None:
-    from .models import MODEL_SIZES  # the registry is the single list of sizes
-
-    m, d, o, t, s = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.scale
-    if m.path is None:
-        _require(m.size in MODEL_SIZES, "model.size", f"must be one of {', '.join(MODEL_SIZES)} (got {m.size!r})")
-    else:
-        _require(Path(m.path).is_dir(), "model.path", f"not a directory: {m.path}")
-    _require(d.seq_len >= 8, "data.seq_len", f"must be >= 8 (got {d.seq_len})")
-    _require(d.seq_len <= m.max_position_embeddings, "data.seq_len",
-             f"must be <= model.max_position_embeddings={m.max_position_embeddings} (got {d.seq_len})")
-    _require(256 <= d.vocab_size <= 262144, "data.vocab_size", f"must be in [256, 262144] (got {d.vocab_size})")
-    _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5) (got {d.val_fraction})")
-    _require(d.num_proc >= 1, "data.num_proc", f"must be >= 1 (got {d.num_proc})")
-    if d.tokenizer is not None:
-        _require(Path(d.tokenizer).is_dir(), "data.tokenizer", f"not a directory: {d.tokenizer}")
-    if d.max_documents is not None:
-        _require(d.max_documents >= 2, "data.max_documents", f"must be >= 2 (got {d.max_documents})")
+    _validate_model(cfg.model)
+    _validate_data(cfg.data, cfg.model.max_position_embeddings)
     validate_loqt(cfg.loqt)
-    shape = MODEL_SIZES.get(m.size) if m.path is None else None
+    shape = MODEL_SIZES.get(cfg.model.size) if cfg.model.path is None else None
     if shape is not None and cfg.loqt.method != "full":  # every wrapped matrix has one side = hidden
-        _require(cfg.loqt.rank <= shape.hidden, "loqt.rank", f"rank {cfg.loqt.rank} does not fit the {m.size} "
-                 f"model's {shape.hidden}-wide layers (must be <= {shape.hidden})")
-    _require(o.lr > 0, "optim.lr", f"must be > 0 (got {o.lr})")
-    _require(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be in [0, 1) (got {list(o.betas)})")
-    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (got {o.grad_clip})")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (got {o.warmup_steps})")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1] (got {o.min_lr_ratio})")
-    _require(o.name != "adam8bit" or s.zero_stage == 0, "optim.name",
-             "adam8bit keeps blockwise-quantized states that ZeRO cannot partition; set scale.zero_stage=0")
-    if o.per_layer:
-        _require(s.num_workers == 1, "optim.per_layer",
-                 "per-layer optimizer updates run on a single worker; set scale.num_workers=1 or per_layer=false")
-        _require(t.grad_accum == 1, "optim.per_layer",
-                 "per-layer updates step inside backward, so gradient accumulation is impossible; set train.grad_accum=1")
-    _require(bool(t.name) and "/" not in t.name, "train.name", f"must be a non-empty name without '/' (got {t.name!r})")
-    for key in ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_tokens", "log_every", "keep_checkpoints"):
-        value = getattr(t, key)
-        _require(value >= 1, f"train.{key}", f"must be >= 1 (got {value})")
-    if t.stop_at_step is not None:
-        _require(1 <= t.stop_at_step <= t.steps, "train.stop_at_step",
-                 f"must be in [1, train.steps={t.steps}] (got {t.stop_at_step})")
-    _require(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0 (got {t.checkpoint_every})")
-    _require(s.num_workers >= 1, "scale.num_workers", f"must be >= 1 (got {s.num_workers})")
-    _require(s.zero_stage in (0, 1, 2), "scale.zero_stage",
-             f"must be 0, 1 or 2 (got {s.zero_stage}); ZeRO-3 cannot partition bitsandbytes' uint8 NF4 weights")
-    _require(s.cpus_per_worker > 0, "scale.cpus_per_worker", f"must be > 0 (got {s.cpus_per_worker})")
-    _require(s.max_failures >= -1, "scale.max_failures", f"must be >= -1 (got {s.max_failures})")
+        _require(
+            cfg.loqt.rank <= shape.hidden,
+            "loqt.rank",
+            f"rank {cfg.loqt.rank} does not fit the {cfg.model.size} model's {shape.hidden}-wide layers "
+            f"(must be <= {shape.hidden})",
+        )
+    _validate_optim(cfg.optim, cfg.train, cfg.scale)
+    _validate_train(cfg.train)
+    _validate_scale(cfg.scale)

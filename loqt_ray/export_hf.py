@@ -5,6 +5,7 @@ Every LoQT layer becomes an ordinary bias-free nn.Linear holding deq(W) + s·B·
 `AutoModelForCausalLM.from_pretrained(OUT_DIR)` and needs neither this package
 nor bitsandbytes. The tokenizer the run trained with is saved beside it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,56 +13,45 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import checkpoint, results
 from .config import Config, ConfigError, load_config
-from .launch import STATE_FILE, latest_checkpoint, load_state
 from .loqt import LoQTLinear, apply_loqt, loqt_layers
 from .models import build_model
-from .trainer import load_buffers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def find_checkpoint(source: str | Path) -> Path:
-    """state.pt of a run directory's latest checkpoint, of a checkpoint directory, or the file itself."""
-    source = Path(source)
-    if source.is_file():
-        return source
-    if (source / STATE_FILE).is_file():
-        return source / STATE_FILE
-    if source.is_dir() and (latest := latest_checkpoint(source)) is not None:
-        return latest / STATE_FILE
-    raise ConfigError(str(source), f"neither a run directory with checkpoint_*/{STATE_FILE}, a checkpoint "
-                      f"directory nor a {STATE_FILE} file")
 
 
 def load_trained(source: str | Path) -> tuple[Config, nn.Module, object]:
     """The run's config, its model with the checkpoint's values, and its tokenizer."""
     from .data import load_tokenizer, prepare
 
-    state_path = find_checkpoint(source)
-    config_path = next((d / "config.yaml" for d in (state_path.parent, state_path.parent.parent)
-                        if (d / "config.yaml").is_file()), None)
+    state_path = checkpoint.find(source)
+    candidates = (state_path.parent / results.CONFIG_FILE, state_path.parent.parent / results.CONFIG_FILE)
+    config_path = next((path for path in candidates if path.is_file()), None)
     if config_path is None:
         raise ConfigError(str(state_path), "no config.yaml in its run directory to rebuild the model from")
     cfg = load_config(config_path)
-    state = load_state(state_path)
-    if not isinstance(state, dict) or not {"buffers", "engine"} <= set(state):
-        raise ConfigError(str(state_path), "not a loqt-ray checkpoint (no buffers/engine entries)")
-    saved = config_path.parent / "tokenizer"  # written by `loqt-ray train`; sweep trials rebuild it
+    state = checkpoint.read(state_path)
+    saved = config_path.parent / results.TOKENIZER_DIR  # written by `loqt-ray train`; sweep trials rebuild it
     tokenizer = load_tokenizer(saved) if saved.is_dir() else prepare(cfg.data).tokenizer
-    model = apply_loqt(build_model(cfg.model.size, len(tokenizer), cfg.model.max_position_embeddings,
-                                   path=cfg.model.path), cfg.loqt)
+    model = apply_loqt(
+        build_model(cfg.model.size, len(tokenizer), cfg.model.max_position_embeddings, path=cfg.model.path),
+        cfg.loqt,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     values = state["engine"].get("params", [])
     try:
-        load_buffers(model, state["buffers"])
-        if len(values) != len(params) or any(v.shape != p.shape for v, p in zip(values, params)):
+        checkpoint.load_buffers(model, state["buffers"])
+        if len(values) != len(params) or any(v.shape != p.shape for v, p in zip(values, params, strict=True)):
             raise ValueError("its trainable values have other shapes")
     except ValueError as exc:
-        raise ConfigError(str(state_path), f"does not fit the model in {config_path} ({cfg.model.size}, "
-                          f"loqt {cfg.loqt.method} rank {cfg.loqt.rank}): {exc}") from None
+        raise ConfigError(
+            str(state_path),
+            f"does not fit the model in {config_path} ({cfg.model.size}, "
+            f"loqt {cfg.loqt.method} rank {cfg.loqt.rank}): {exc}",
+        ) from None
     with torch.no_grad():
-        for p, v in zip(params, values):
+        for p, v in zip(params, values, strict=True):
             p.copy_(v)
     return cfg, model, tokenizer
 

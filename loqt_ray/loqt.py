@@ -12,9 +12,8 @@ This module is pure torch + quant.py. The trainer applies the B it returns
 through its engine (which owns the optimizer's fp32 master copy) and
 all-reduces the captured gradients before they reach `LoQTLinear.update`.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ class _FrozenLinear(torch.autograd.Function):
     into the layer's gradient buffer, since an NF4 tensor cannot hold .grad."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "LoQTLinear", anchor: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: LoQTLinear, anchor: torch.Tensor | None) -> torch.Tensor:
         ctx.layer, ctx.capture = layer, anchor is not None  # (grad mode is off in here: decide outside)
         if ctx.capture:
             ctx.save_for_backward(x)
@@ -41,14 +40,16 @@ class _FrozenLinear(torch.autograd.Function):
         layer = ctx.layer
         if ctx.capture:
             (x,) = ctx.saved_tensors
-            layer.grad_buffer.addmm_(grad_out.reshape(-1, grad_out.shape[-1]).float().T,
-                                     x.reshape(-1, x.shape[-1]).float())
+            layer.grad_buffer.addmm_(
+                grad_out.reshape(-1, grad_out.shape[-1]).float().T, x.reshape(-1, x.shape[-1]).float()
+            )
         grad_x = grad_out @ layer.dense_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
 
 
-def compensate(w_fp: torch.Tensor, proj: torch.Tensor, scale: float, iters: int, p_is_a: bool,
-               roundtrip) -> tuple[torch.Tensor, torch.Tensor]:
+def compensate(
+    w_fp: torch.Tensor, proj: torch.Tensor, scale: float, iters: int, p_is_a: bool, roundtrip
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LoftQ-style: find (target, B) so that roundtrip(target) + s·B·P is closest to w_fp.
 
     Returns the matrix to quantize and B. With iters = 0: (w_fp, 0)."""
@@ -70,8 +71,16 @@ def compensate(w_fp: torch.Tensor, proj: torch.Tensor, scale: float, iters: int,
 
 
 class LoQTLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, rank: int, lora_alpha: float, quantize: bool = True,
-                 block_size: int = 64, double_quant: bool = True, quantize_projection: bool = False):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        rank: int,
+        lora_alpha: float,
+        quantize: bool = True,
+        block_size: int = 64,
+        double_quant: bool = True,
+        quantize_projection: bool = False,
+    ):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("LoQTLinear wraps bias-free linears (LLaMA's)")
@@ -86,7 +95,7 @@ class LoQTLinear(nn.Module):
             self.weight_q = NF4Tensor(w, **self.nf4)
             # The full-precision weight, kept (off the state_dict, on the CPU) until the first
             # update compensates against it: the paper quantizes W with error compensation at step 0.
-            self.initial_weight: Optional[torch.Tensor] = w.detach().cpu().clone()
+            self.initial_weight: torch.Tensor | None = w.detach().cpu().clone()
         else:
             self.register_buffer("weight_fp", w.clone())
         p_shape = (self.rank, self.in_features) if self.p_is_a else (self.out_features, self.rank)
@@ -98,7 +107,7 @@ class LoQTLinear(nn.Module):
         b_shape = (self.out_features, self.rank) if self.p_is_a else (self.rank, self.in_features)
         self.B = nn.Parameter(torch.zeros(b_shape, device=w.device, dtype=linear.weight.dtype))
         self.capture = False
-        self.grad_buffer: Optional[torch.Tensor] = None
+        self.grad_buffer: torch.Tensor | None = None
 
     # -- the matrices
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -107,7 +116,7 @@ class LoQTLinear(nn.Module):
     def projection_matrix(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.projection_q.dequantize(dtype) if self.quantize_projection else self.projection.to(dtype)
 
-    def delta(self, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def delta(self, b: torch.Tensor | None = None) -> torch.Tensor:
         """s·B·P in W's (out x in) orientation, float32."""
         b = (self.B if b is None else b).detach().float()
         p = self.projection_matrix()
@@ -135,7 +144,9 @@ class LoQTLinear(nn.Module):
         grad, self.grad_buffer, self.capture = self.grad_buffer, None, False
         return grad
 
-    def update(self, b_current: Optional[torch.Tensor], grad: Optional[torch.Tensor], compensation_iters: int) -> torch.Tensor:
+    def update(
+        self, b_current: torch.Tensor | None, grad: torch.Tensor | None, compensation_iters: int
+    ) -> torch.Tensor:
         """Merge s·B·P into W; with `grad`, refresh P from its SVD; recompensate.
 
         Sets W (requantized) and P here and returns the new B for the caller's
@@ -156,27 +167,40 @@ class LoQTLinear(nn.Module):
             self.weight_fp.copy_(w_fp)
             return torch.zeros_like(self.B, dtype=torch.float32)
         roundtrip = lambda w: NF4Tensor(w, **self.nf4).dequantize()
-        target, b = compensate(w_fp, self.projection_matrix(), self.scale, compensation_iters, self.p_is_a, roundtrip)
+        target, b = compensate(
+            w_fp, self.projection_matrix(), self.scale, compensation_iters, self.p_is_a, roundtrip
+        )
         self.weight_q.quantize_(target)
         return b
 
     def extra_repr(self) -> str:
         side = "A (r x in)" if self.p_is_a else "(out x r)"
-        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale}, "
-                f"P={side}, nf4={self.quantize}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale}, "
+            f"P={side}, nf4={self.quantize}"
+        )
 
 
 def apply_loqt(model: nn.Module, cfg: LoQTConfig) -> nn.Module:
     """Wrap the target linears of `model` in place; method 'full' leaves it untouched."""
     if cfg.method == "full":
         return model
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets]
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets
+    ]
     for name, linear in targets:
         parent_name, child = name.rsplit(".", 1)
-        layer = LoQTLinear(linear, cfg.rank, cfg.lora_alpha, quantize=cfg.method == "loqt",
-                           block_size=cfg.quant_block_size, double_quant=cfg.double_quant,
-                           quantize_projection=cfg.quantize_projection)
+        layer = LoQTLinear(
+            linear,
+            cfg.rank,
+            cfg.lora_alpha,
+            quantize=cfg.method == "loqt",
+            block_size=cfg.quant_block_size,
+            double_quant=cfg.double_quant,
+            quantize_projection=cfg.quantize_projection,
+        )
         setattr(model.get_submodule(parent_name), child, layer)
     return model
 
@@ -190,4 +214,4 @@ def expected_trainable_parameters(model: nn.Module) -> int:
     wrapped = loqt_layers(model)
     inside = {id(p) for _, layer in wrapped for p in layer.parameters()}
     other = sum(p.numel() for p in model.parameters() if id(p) not in inside)
-    return other + sum(l.rank * max(l.in_features, l.out_features) for _, l in wrapped)
+    return other + sum(layer.rank * max(layer.in_features, layer.out_features) for _, layer in wrapped)

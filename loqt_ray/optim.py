@@ -5,6 +5,7 @@ per trainable tensor, stepped from a post-accumulate-grad hook that frees the
 gradient at once, so at most one tensor's gradient exists at a time (the
 paper's way to train 13B on one GPU).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,9 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.
     if cfg.name == "adam8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.Adam8bit(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return bnb.optim.Adam8bit(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
@@ -41,13 +44,9 @@ class PerLayerOptimizer:
         self.cfg = cfg
         self.optimizers = {p: make_optimizer([p], cfg) for p in params}
         self.lr = cfg.lr
-        self.enabled = True  # off during a refresh's gradient-capture pass
         self._handles = [p.register_post_accumulate_grad_hook(self._step_one) for p in params]
 
     def _step_one(self, p: torch.nn.Parameter) -> None:
-        if not self.enabled:
-            p.grad = None
-            return
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p], self.cfg.grad_clip)
         opt = self.optimizers[p]
@@ -63,7 +62,7 @@ class PerLayerOptimizer:
         return [opt.state_dict() for opt in self.optimizers.values()]
 
     def load_state_dict(self, states: list[dict]) -> None:
-        for opt, state in zip(self.optimizers.values(), states):
+        for opt, state in zip(self.optimizers.values(), states, strict=True):
             opt.load_state_dict(state)
 
     def remove_hooks(self) -> None:

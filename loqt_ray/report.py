@@ -10,14 +10,15 @@ Writes into the report directory:
 Importances compare trials at one token count, the most that every trial that ran
 reached (with ASHA: the first rung), so a stopped trial is judged on what it saw.
 """
+
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
 from .config import ConfigError, read_yaml
+from .results import REPORT_DIR, SPACE_FILE, SWEEP_FILE, format_value, leaderboard, leaderboard_markdown
 from .search_space import parse_space
-from .sweep import SPACE_FILE, leaderboard, leaderboard_markdown
 
 MIN_TRIALS_FOR_IMPORTANCE = 3
 
@@ -29,11 +30,15 @@ def _plot_curves(rows: list[dict], path: Path) -> None:
     for rank, r in enumerate(rows):
         if not r["curve"]:
             continue
-        tokens, ppl = zip(*r["curve"])
-        style = {"completed": dict(ls="-", marker="o"), "stopped early": dict(ls="--", marker="."),
-                 "failed": dict(ls=":", marker=".", color="tab:red")}[r["status"]]
-        (line,) = ax.plot(tokens, ppl, lw=2.5 if rank == 0 else 1.2, ms=4, label=f"{r['trial']} ({r['status']})",
-                          **style)
+        tokens, ppl = zip(*r["curve"], strict=True)
+        style = {
+            "completed": dict(ls="-", marker="o"),
+            "stopped early": dict(ls="--", marker="."),
+            "failed": dict(ls=":", marker=".", color="tab:red"),
+        }[r["status"]]
+        (line,) = ax.plot(
+            tokens, ppl, lw=2.5 if rank == 0 else 1.2, ms=4, label=f"{r['trial']} ({r['status']})", **style
+        )
         if r["status"] != "completed":
             ax.plot(tokens[-1], ppl[-1], "x", ms=10, mew=2, color=line.get_color())
     ax.set_yscale("log")
@@ -60,9 +65,72 @@ def _study_at_common_tokens(rows: list[dict], space_path: Path):
     for r in ran:
         value = [ppl for tokens, ppl in r["curve"] if tokens <= common][-1]
         params = {k: v for k, v in r["params"].items() if k in distributions}
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions={k: distributions[k] for k in params}, value=value))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions={k: distributions[k] for k in params}, value=value
+            )
+        )
     return study, common
+
+
+def _summary_lines(rows: list[dict], sweep: dict, name: str) -> list[str]:
+    """Counts, tokens against the no-stopping budget, the best trial and the leaderboard."""
+    budget = sweep.get("tokens_per_trial", 0) * len(rows)
+    trained = sum(r["tokens"] for r in rows)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped early", "failed")}
+    tokens = f"Tokens trained: {trained:,}."
+    if budget:
+        tokens = f"Tokens trained: {trained:,} of {budget:,} without early stopping ({trained / budget:.0%})."
+    best = rows[0]
+    values = ", ".join(f"{k}={format_value(v)}" for k, v in sorted(best["params"].items()))
+    best_line = f"Best: trial {best['trial']}, val ppl {best['val_ppl']:.2f} after {best['tokens']:,} tokens"
+    return [
+        f"# Sweep {sweep.get('name', name)}",
+        "",
+        f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
+        tokens,
+        "",
+        f"{best_line}, with {values}.",
+        "",
+        "![validation perplexity](val_ppl.png)",
+        "",
+        "## Leaderboard",
+        "",
+        leaderboard_markdown(rows),
+    ]
+
+
+def _importance_lines(study, common: int, out: Path) -> list[str]:
+    """PED-ANOVA importances as a table, and the importance and parallel-coordinates plots."""
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization.matplotlib import plot_parallel_coordinate, plot_param_importances
+
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        plots = {
+            "importances": plot_param_importances(study, evaluator=evaluator),
+            "parallel_coordinates": plot_parallel_coordinate(study),
+        }
+    for name, ax in plots.items():
+        ax.figure.set_size_inches(12, 5)  # room for one axis per parameter
+        ax.figure.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
+        plt.close(ax.figure)
+    table = [f"| {k} | {v:.3f} |" for k, v in importances.items()]
+    return [
+        "",
+        f"## Parameter importances (PED-ANOVA, val ppl at {common:,} tokens)",
+        "",
+        "| parameter | importance |",
+        "|---|---|",
+        *table,
+        "",
+        "![importances](importances.png)",
+        "",
+        "![parallel coordinates](parallel_coordinates.png)",
+    ]
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -70,52 +138,28 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a display
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.visualization.matplotlib import plot_parallel_coordinate, plot_param_importances
 
     sweep_dir = Path(sweep_dir)
-    if not (sweep_dir / "sweep.yaml").exists():
+    if not (sweep_dir / SWEEP_FILE).exists():
         raise ConfigError(str(sweep_dir), "not a sweep directory (no sweep.yaml)")
     rows = leaderboard(sweep_dir)
     if not rows:
         raise ConfigError(str(sweep_dir), "no trial has started yet")
-    out = Path(out_dir) if out_dir else sweep_dir / "report"
+    out = Path(out_dir) if out_dir else sweep_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     _plot_curves(rows, out / "val_ppl.png")
-
-    sweep = read_yaml(sweep_dir / "sweep.yaml").get("sweep") or {}
-    budget = sweep.get("tokens_per_trial", 0) * len(rows)
-    trained = sum(r["tokens"] for r in rows)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped early", "failed")}
-    best = rows[0]
-    lines = [f"# Sweep {sweep.get('name', sweep_dir.name)}", "",
-             f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
-             f"Tokens trained: {trained:,} of {budget:,} without early stopping "
-             f"({trained / budget:.0%})." if budget else f"Tokens trained: {trained:,}.", "",
-             f"Best: trial {best['trial']}, val ppl {best['val_ppl']:.2f} after {best['tokens']:,} tokens, "
-             "with " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                 for k, v in sorted(best["params"].items())) + ".", "",
-             "![validation perplexity](val_ppl.png)", "", "## Leaderboard", "", leaderboard_markdown(rows)]
-
-    study, common = (_study_at_common_tokens(rows, sweep_dir / SPACE_FILE)
-                     if (sweep_dir / SPACE_FILE).exists() else (None, 0))
+    sweep = read_yaml(sweep_dir / SWEEP_FILE).get("sweep") or {}
+    lines = _summary_lines(rows, sweep, sweep_dir.name)
+    study, common = None, 0
+    if (sweep_dir / SPACE_FILE).exists():
+        study, common = _study_at_common_tokens(rows, sweep_dir / SPACE_FILE)
     if study is None:
-        lines += ["", f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} trials that reported."]
+        lines += [
+            "",
+            f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} trials that reported.",
+        ]
     else:
-        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            for name, ax in (("importances", plot_param_importances(study, evaluator=evaluator)),
-                             ("parallel_coordinates", plot_parallel_coordinate(study))):
-                ax.figure.set_size_inches(12, 5)  # room for one axis per parameter
-                ax.figure.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
-                plt.close(ax.figure)
-        lines += ["", f"## Parameter importances (PED-ANOVA, val ppl at {common:,} tokens)", "",
-                  "| parameter | importance |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in importances.items()]
-        lines += ["", "![importances](importances.png)", "", "![parallel coordinates](parallel_coordinates.png)"]
+        lines += _importance_lines(study, common, out)
     summary = out / "summary.md"
     summary.write_text("\n".join(lines) + "\n")
     return summary

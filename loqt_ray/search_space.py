@@ -12,6 +12,7 @@ training config, so a trial can never be handed an impossible setting: a rank
 that does not fit a wrapped layer, a refresh interval that is not a multiple of
 the merge interval, a block size bitsandbytes does not accept.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,7 +43,8 @@ class Param:
             return tune.choice(list(self.values))
         low, high = self.values
         return {"uniform": tune.uniform, "loguniform": tune.loguniform, "int": tune.randint}[self.kind](
-            low, high + 1 if self.kind == "int" else high)  # randint's upper bound is exclusive
+            low, high + 1 if self.kind == "int" else high
+        )  # randint's upper bound is exclusive
 
     def optuna(self):
         """The same distribution for Optuna, which the sweep report rebuilds its study with."""
@@ -63,18 +65,25 @@ def parse_space(path: str | Path) -> list[Param]:
     data = read_yaml(path)
     where = str(path)
     if set(data) != {"params"} or not isinstance(data["params"], dict) or not data["params"]:
-        raise ConfigError(where, "a search space is a mapping with one key, params, of field: {distribution: values}")
+        raise ConfigError(
+            where, "a search space is a mapping with one key, params, of field: {distribution: values}"
+        )
     params = []
     for key, spec in data["params"].items():
         name = f"{where}: params.{key}"
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise ConfigError(name, f"must be one of {{{', '.join(f'{d}: ...' for d in DISTRIBUTIONS)}}} (got {spec!r})")
+            raise ConfigError(
+                name, f"must be one of {{{', '.join(f'{d}: ...' for d in DISTRIBUTIONS)}}} (got {spec!r})"
+            )
         kind, values = next(iter(spec.items()))
         if not isinstance(values, list) or not values:
             raise ConfigError(name, f"{kind} needs a non-empty list (got {values!r})")
         if kind != "choice":
-            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
-                    or values[0] >= values[1]:
+            if (
+                len(values) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                or values[0] >= values[1]
+            ):
                 raise ConfigError(name, f"{kind} needs [low, high] numbers with low < high (got {values!r})")
             if kind == "int" and not all(isinstance(v, int) for v in values):
                 raise ConfigError(name, f"int needs integer bounds (got {values!r})")
@@ -102,9 +111,10 @@ def check_space(params: list[Param], base: dict, space_path: str | Path) -> None
     """Validate every corner of the space as a full config; raise naming the first bad one."""
     corners = list(itertools.islice(itertools.product(*(p.corners() for p in params)), MAX_CORNERS))
     for combo in corners:
-        values = dict(zip((p.key for p in params), combo))
+        values = dict(zip((p.key for p in params), combo, strict=True))
         try:
             apply_params(base, values)
         except ConfigError as exc:
-            raise ConfigError(f"{space_path}: params.{exc.field}", f"{str(exc).split(': ', 1)[1]} at {values}") from None
-
+            raise ConfigError(
+                f"{space_path}: params.{exc.field}", f"{str(exc).split(': ', 1)[1]} at {values}"
+            ) from None

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -20,24 +21,58 @@ def sotu(data_dir):
     return prepare(DataConfig(data_dir=data_dir, vocab_size=2048, seq_len=128))
 
 
-NANO_RUN = ["model.size=nano", "data.vocab_size=2048", "data.seq_len=64", "train.micro_batch_size=8",
-            "train.eval_tokens=4096", "loqt.rank=8", "loqt.update_interval=3", "loqt.schedule=static",
-            "scale.cpus_per_worker=1"]
+NANO_RUN = [
+    "model.size=nano",
+    "data.vocab_size=2048",
+    "data.seq_len=64",
+    "train.micro_batch_size=8",
+    "train.eval_tokens=4096",
+    "loqt.rank=8",
+    "loqt.update_interval=3",
+    "loqt.schedule=static",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=2",
+    "scale.cpus_per_worker=1",
+]
+
+
+def train_in_process(cfg):
+    """A run directory as `loqt-ray train` leaves it (config, tokenizer, metrics, checkpoint_*),
+    trained in this process with the plain engine: no Ray. Returns (run dir, last metrics)."""
+    from loqt_ray import checkpoint, results
+    from loqt_ray.trainer import Trainer
+
+    out = results.run_dir(cfg)
+    trainer = Trainer(cfg)
+    results.start_run(out, cfg, trainer.data.tokenizer)
+    rows = []
+
+    def save(state):
+        checkpoint.write(out / f"checkpoint_{state['step']:06d}", state)
+
+    final = trainer.train(rows.append, save)
+    (out / results.METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out, final
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_dir):
-    """One real nano LoQT run under Ray Train (1 DeepSpeed worker), checkpointed at steps 4 and 8."""
-    import ray
-
+    """One real nano LoQT run, checkpointed at steps 4 and 8. ZeRO stage 0 in its config: the plain
+    engine's state is what DeepSpeed's stage 0 loads, so `loqt-ray train` resumes it under Ray."""
     from loqt_ray.config import load_config
-    from loqt_ray.launch import run_training
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(None, NANO_RUN + [f"data.data_dir={data_dir}", f"train.output_dir={out}", "train.name=nano",
-                                        "train.steps=8", "train.eval_every=8", "train.checkpoint_every=4"])
-    try:
-        final = run_training(cfg, progress=False)
-    finally:
-        ray.shutdown()
-    return out / "nano", final
+    cfg = load_config(
+        None,
+        NANO_RUN
+        + [
+            f"data.data_dir={data_dir}",
+            f"train.output_dir={out}",
+            "train.name=nano",
+            "train.steps=8",
+            "train.eval_every=8",
+            "train.checkpoint_every=4",
+            "scale.zero_stage=0",
+        ],
+    )
+    return train_in_process(cfg)

@@ -8,39 +8,52 @@ from loqt_ray.config import ConfigError, load_config
 
 
 def write(tmp_path, text):
+    """A config file with `text`; no file at all for "" (an empty file is an error of its own)."""
+    if not text:
+        return None
     path = tmp_path / "c.yaml"
     path.write_text(text)
     return str(path)
 
 
 def test_defaults_and_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, "loqt:\n  rank: 16\n"), ["optim.lr=3e-4", "loqt.targets=[q_proj, v_proj]",
-                                                            "optim.betas=[0.9, 0.95]", "model.path="])
+    cfg = load_config(
+        write(tmp_path, "loqt:\n  rank: 16\n"),
+        ["optim.lr=3e-4", "loqt.targets=[q_proj, v_proj]", "optim.betas=[0.9, 0.95]", "model.path="],
+    )
     assert cfg.loqt.rank == 16 and cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.9, 0.95)
     assert cfg.loqt.targets == ["q_proj", "v_proj"] and cfg.model.path is None
     assert isinstance(cfg.optim.lr, float)
 
 
-@pytest.mark.parametrize("text,overrides,field,allowed", [
-    ("loqt:\n  rnak: 3\n", [], "loqt.rnak", "allowed keys are method, rank"),
-    ("", ["loqt.rank=0"], "loqt.rank", "positive integer"),
-    ("", ["loqt.rank=abc"], "loqt.rank", "must be an integer"),
-    ("", ["loqt.schedule=cosine"], "loqt.schedule", "static, linear, exponential"),
-    ("", ["loqt.quant_block_size=48"], "loqt.quant_block_size", "32, 64, 128"),
-    ("", ["loqt.refresh_interval=150", "loqt.update_interval=100"], "loqt.refresh_interval", "multiple of update_interval"),
-    ("", ["model.size=2b"], "model.size", "tiny"),
-    ("", ["optim.betas=[0.9]"], "optim.betas", "list of 2"),
-    ("", ["train.steps=-1"], "train.steps", ">= 1"),
-    ("", ["scale.zero_stage=3"], "scale.zero_stage", "ZeRO-3"),
-    ("", ["optim.per_layer=true", "scale.num_workers=2"], "optim.per_layer", "single worker"),
-    ("", ["optim.per_layer=true", "train.grad_accum=4"], "optim.per_layer", "gradient accumulation"),
-    ("model: 3\n", [], "model", "must be a mapping"),
-    ("- a\n- b\n", [], "c.yaml", "top level must be a mapping"),
-    ("a: [\n", [], "c.yaml", "not valid YAML"),
-    ("", ["data.tokenizer=/nonexistent"], "data.tokenizer", "not a directory"),
-    ("", ["train.stop_at_step=0"], "train.stop_at_step", "must be in [1, train.steps"),
-    ("", ["optim.name=adam8bit"], "optim.name", "scale.zero_stage=0"),
-])
+@pytest.mark.parametrize(
+    "text,overrides,field,allowed",
+    [
+        ("loqt:\n  rnak: 3\n", [], "loqt.rnak", "allowed keys are method, rank"),
+        ("", ["loqt.rank=0"], "loqt.rank", "positive integer"),
+        ("", ["loqt.rank=abc"], "loqt.rank", "must be an integer"),
+        ("", ["loqt.schedule=cosine"], "loqt.schedule", "static, linear, exponential"),
+        ("", ["loqt.quant_block_size=48"], "loqt.quant_block_size", "32, 64, 128"),
+        (
+            "",
+            ["loqt.refresh_interval=150", "loqt.update_interval=100"],
+            "loqt.refresh_interval",
+            "multiple of update_interval",
+        ),
+        ("", ["model.size=2b"], "model.size", "tiny"),
+        ("", ["optim.betas=[0.9]"], "optim.betas", "list of 2"),
+        ("", ["train.steps=-1"], "train.steps", ">= 1"),
+        ("", ["scale.zero_stage=3"], "scale.zero_stage", "ZeRO-3"),
+        ("", ["optim.per_layer=true", "scale.num_workers=2"], "optim.per_layer", "single worker"),
+        ("", ["optim.per_layer=true", "train.grad_accum=4"], "optim.per_layer", "gradient accumulation"),
+        ("model: 3\n", [], "model", "must be a mapping"),
+        ("- a\n- b\n", [], "c.yaml", "top level must be a mapping"),
+        ("a: [\n", [], "c.yaml", "not valid YAML"),
+        ("", ["data.tokenizer=/nonexistent"], "data.tokenizer", "not a directory"),
+        ("", ["train.stop_at_step=0"], "train.stop_at_step", "must be in [1, train.steps"),
+        ("", ["optim.name=adam8bit"], "optim.name", "scale.zero_stage=0"),
+    ],
+)
 def test_bad_values_name_the_field(tmp_path, text, overrides, field, allowed):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text), overrides)
@@ -57,7 +70,38 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_console_script_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "loqt_ray.cli", "train", "--set", "data.seq_len=4"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loqt_ray.cli", "train", "--set", "data.seq_len=4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("loqt-ray train: error: data.seq_len")
+
+
+def test_an_empty_config_file_is_an_error_not_a_run_on_defaults(tmp_path, capsys):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing but a comment\n")
+    with pytest.raises(ConfigError, match="config file is empty"):
+        load_config(path)
+    assert main(["train", "--config", str(path), "--set", f"train.output_dir={tmp_path}/runs"]) == 2
+    assert "empty.yaml: config file is empty" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_cli_starts_without_the_heavy_libraries():
+    """`loqt-ray --help` and config errors must not wait for torch, transformers, Ray or DeepSpeed."""
+    probe = (
+        "import sys; from loqt_ray.cli import build_parser, main; import loqt_ray; "
+        "main(['train', '--set', 'loqt.rank=0']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'bitsandbytes', 'ray', 'deepspeed') "
+        "if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    assert "loqt.rank" in proc.stderr
+    helped = subprocess.run(
+        [sys.executable, "-m", "loqt_ray.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert helped.returncode == 0 and "Pretrain LLaMA-style models with LoQT" in helped.stdout

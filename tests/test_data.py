@@ -5,13 +5,20 @@ import numpy as np
 import pytest
 
 from loqt_ray.config import ConfigError, DataConfig
-from loqt_ray.data import (IGNORE_INDEX, SequenceStream, load_documents, pack, prepare, split_documents,
-                           val_rows)
+from loqt_ray.data import (
+    IGNORE_INDEX,
+    SequenceStream,
+    load_documents,
+    pack,
+    prepare,
+    split_documents,
+    val_rows,
+)
 
 
 def real_tokens(split):
     """The real (non-padding) tokens of a packed split, in order."""
-    return np.concatenate([row[:n] for row, n in zip(split.tokens, split.lengths)])
+    return np.concatenate([row[:n] for row, n in zip(split.tokens, split.lengths, strict=True)])
 
 
 def test_embedded_corpus_size(sotu):
@@ -25,8 +32,9 @@ def test_packing_loses_and_duplicates_no_token(sotu, data_dir):
     docs, _ = load_documents(cfg)
     train_docs, _ = split_documents(docs, cfg.val_fraction)
     eos = sotu.tokenizer.eos_token_id
-    expected = np.concatenate([sotu.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
-                               for t in train_docs["text"]])
+    expected = np.concatenate(
+        [sotu.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in train_docs["text"]]
+    )
     assert np.array_equal(real_tokens(sotu.train), expected)
     assert int(sotu.train.lengths.sum()) == len(expected)
     assert (sotu.train.lengths[:-1] == 128).all()  # only the last row may be padded
@@ -109,18 +117,27 @@ def test_local_sources(tmp_path):
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text("\n".join(json.dumps({"body": f"Line {i} " * 40}) for i in range(10)))
     for source, field in ((tmp_path / "docs", "text"), (jsonl, "body")):
-        cfg = DataConfig(source=str(source), text_field=field, data_dir=str(tmp_path / "cache"), vocab_size=300,
-                         seq_len=16, val_fraction=0.2)
+        cfg = DataConfig(
+            source=str(source),
+            text_field=field,
+            data_dir=str(tmp_path / "cache"),
+            vocab_size=300,
+            seq_len=16,
+            val_fraction=0.2,
+        )
         ds = prepare(cfg)
         assert ds.info["train"]["documents"] + ds.info["val"]["documents"] == (6 if field == "text" else 10)
         assert ds.val.tokens.shape[1] == 16
 
 
-@pytest.mark.parametrize("source,field,message", [
-    ("/no/such/path", "text", "data.source"),
-    ("EMPTY", "text", "no .parquet"),
-    ("JSONL", "content", "data.text_field"),
-])
+@pytest.mark.parametrize(
+    "source,field,message",
+    [
+        ("/no/such/path", "text", "data.source"),
+        ("EMPTY", "text", "no .parquet"),
+        ("JSONL", "content", "data.text_field"),
+    ],
+)
 def test_bad_sources_name_the_field(tmp_path, source, field, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a.jsonl").write_text('{"text": "hello world"}\n{"text": "more"}\n')

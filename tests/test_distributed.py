@@ -1,48 +1,77 @@
 """Ray Train + DeepSpeed ZeRO-2 with 2 gloo workers on CPU: the real stack, small model."""
+
 import hashlib
 import json
 import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import ray
 
+from loqt_ray.checkpoint import latest, read
 from loqt_ray.config import ConfigError, load_config
-from loqt_ray.launch import latest_checkpoint, load_state, read_metrics, run_training
+from loqt_ray.launch import run_training
+from loqt_ray.results import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # generous: CI compiles DeepSpeed ops first
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
     yield
     ray.shutdown()
 
 
 def two_worker_config(data_dir, out, name, steps, *extra):
-    return load_config(None, [
-        f"data.data_dir={data_dir}", "data.vocab_size=2048", "data.seq_len=64", "model.size=nano",
-        "loqt.rank=8", "loqt.schedule=static", "loqt.update_interval=4", "loqt.refresh_interval=8",
-        "optim.lr=3e-3", "optim.warmup_steps=2", f"train.steps={steps}", "train.micro_batch_size=4",
-        "train.grad_accum=2", "train.log_every=1", f"train.eval_every={steps}", "train.eval_tokens=2048",
-        f"train.output_dir={out}", f"train.name={name}", "scale.num_workers=2", "scale.cpus_per_worker=0.5",
-        "scale.zero_stage=2", *extra])
+    return load_config(
+        None,
+        [
+            f"data.data_dir={data_dir}",
+            "data.vocab_size=2048",
+            "data.seq_len=64",
+            "model.size=nano",
+            "loqt.rank=8",
+            "loqt.schedule=static",
+            "loqt.update_interval=4",
+            "loqt.refresh_interval=8",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=2",
+            f"train.steps={steps}",
+            "train.micro_batch_size=4",
+            "train.grad_accum=2",
+            "train.log_every=1",
+            f"train.eval_every={steps}",
+            "train.eval_tokens=2048",
+            f"train.output_dir={out}",
+            f"train.name={name}",
+            "scale.num_workers=2",
+            "scale.cpus_per_worker=0.5",
+            "scale.zero_stage=2",
+            *extra,
+        ],
+    )
 
 
 def losses_by_step(run_dir):
-    """The last logged loss of each step (a recovered run logs the steps after its checkpoint again)."""
     return {m["step"]: m["train_loss"] for m in read_metrics(run_dir)}
 
 
+def digest(tensor) -> str:
+    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+
+
 def digest_loop(config):
-    """Like launch.worker_loop, but every rank writes a digest of its NF4 weights at each checkpoint."""
+    """Like launch.worker_loop, but every rank writes digests of its NF4 weights and of P at each
+    checkpoint, and rank 0 its losses."""
     import ray.train
     import torch
 
@@ -55,81 +84,122 @@ def digest_loop(config):
     rank = ray.train.get_context().get_world_rank()
     out = Path(config["out"])
 
-    def save(state, metrics):
-        quantized = {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in state["buffers"].items()
-                     if "weight_q" in k}
+    def save(state):
+        buffers = state["buffers"]
+        row = {
+            "step": state["step"],
+            "updates": state["counters"]["updates"],
+            "w": {k: digest(v) for k, v in buffers.items() if "weight_q" in k},
+            "p": {k: digest(v) for k, v in buffers.items() if k.endswith("projection")},
+        }
         with open(out / f"rank{rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": state["step"], "updates": metrics["updates"], "digests": quantized,
-                                "loss": metrics["train_loss"]}) + "\n")
+            f.write(json.dumps(row) + "\n")
+
+    def report(metrics):
+        with open(out / f"loss{rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": metrics["step"], "loss": metrics["train_loss"]}) + "\n")
         ray.train.report(metrics)
 
-    train(cfg, lambda m: ray.train.report(m), rank, 2, make_engine=DeepSpeedEngine, save=save)
+    train(cfg, report, rank, 2, make_engine=DeepSpeedEngine, save=save)
 
 
-def test_two_workers_learn_and_keep_identical_quantized_weights(ray_cluster, data_dir, tmp_path):
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def straight(ray_cluster, data_dir, tmp_path_factory):
+    """The reference: 24 steps on 2 workers, checkpoint states every 6 (merges at 0, 4, 8, ...,
+    refreshes at 0, 8, 16). Returns (per-rank digest rows, rank 0's loss per step)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cfg = two_worker_config(data_dir, tmp_path, "digest", 16, "train.checkpoint_every=4")
-    TorchTrainer(digest_loop, train_loop_config={"cfg": cfg.to_dict(), "out": str(tmp_path)},
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                 torch_config=TorchConfig(backend="gloo"),
-                 run_config=RunConfig(name="digest", storage_path=str(tmp_path / "ray"))).fit()
-    ranks = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
-    assert [row["step"] for row in ranks[0]] == [4, 8, 12, 16]
-    assert ranks[0][-1]["updates"] == 4  # merges at 0, 4, 8, 12 (refreshes at 0 and 8)
-    for row0, row1 in zip(*ranks):
-        assert row0["digests"] == row1["digests"]  # bit-identical NF4 weights on both ranks after merges
-    assert len({json.dumps(r["digests"]) for r in ranks[0]}) == 4  # and each merge changed them
-    assert ranks[0][-1]["loss"] < ranks[0][0]["loss"] - 0.3
+    out = tmp_path_factory.mktemp("straight")
+    cfg = two_worker_config(data_dir, out, "straight", STEPS, "train.checkpoint_every=6")
+    TorchTrainer(
+        digest_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name="straight", storage_path=str(out / "ray")),
+    ).fit()
+    ranks = [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    losses = {
+        row["step"]: row["loss"] for row in map(json.loads, (out / "loss0.jsonl").read_text().splitlines())
+    }
+    return ranks, losses
 
 
-def kill_a_worker_after(run_dir: Path, step: int, killed: list) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline and not killed:
-        if latest_checkpoint(run_dir) is not None and max(losses_by_step(run_dir), default=0) >= step:
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
-                    return
-        time.sleep(0.1)
+def test_two_workers_learn_and_keep_identical_quantized_weights(straight):
+    ranks, losses = straight
+    assert [row["step"] for row in ranks[0]] == [6, 12, 18, 24]
+    assert [row["updates"] for row in ranks[0]] == [2, 3, 5, 6]  # merges at 0, 4, 8, 12, 16, 20
+    for row0, row1 in zip(*ranks, strict=True):
+        assert row0["w"] == row1["w"] and row0["p"] == row1["p"]  # bit-identical W and P on both ranks
+    assert len({json.dumps(r["w"]) for r in ranks[0]}) == 4  # every 6 steps hold a merge: W changed
+    p = [json.dumps(r["p"]) for r in ranks[0]]
+    assert len(set(p[:3])) == 3 and p[3] == p[2]  # P refreshed at 8 and 16, not again before 24
+    assert losses[STEPS] < losses[1] - 0.3
 
 
-def test_resume_and_worker_loss_reproduce_the_straight_run(ray_cluster, data_dir, tmp_path):
-    steps = 24
-    straight = run_training(two_worker_config(data_dir, tmp_path, "straight", steps), progress=False)
-    assert straight["step"] == steps
+def killing_loop(config):
+    """launch.worker_loop, except that rank 1 SIGKILLs itself (as an out-of-memory kill would)
+    right after the step named in the run directory's `kill_after` file, once, and every resume
+    writes the step it resumed from."""
+    from loqt_ray import launch
+    from loqt_ray.trainer import Trainer
 
-    # The same run, checkpointed every 6 steps, with a worker SIGKILLed after the first checkpoint:
-    # Ray restarts both workers from the latest checkpoint and the run finishes all its steps.
-    cfg = two_worker_config(data_dir, tmp_path, "killed", steps, "train.checkpoint_every=6", "scale.max_failures=2")
-    killed = []
-    watcher = threading.Thread(target=kill_a_worker_after, args=(tmp_path / "killed", 6, killed), daemon=True)
-    watcher.start()
-    final = run_training(cfg, progress=False)
-    watcher.join()
-    assert killed, "no worker was killed"
-    assert final["step"] == steps
-    rows = read_metrics(tmp_path / "killed")
-    assert len(rows) > steps  # some steps ran twice: before the kill and after the restart
+    out = Path(config["run_dir"])
+    train_step, resume = Trainer.train_step, Trainer.resume
 
-    # N steps, then the same command again (it resumes from the run's checkpoint), then N more.
-    first = run_training(two_worker_config(data_dir, tmp_path, "halves", steps, f"train.stop_at_step={steps // 2}"),
-                         progress=False)
-    assert first["step"] == steps // 2
-    assert load_state(latest_checkpoint(tmp_path / "halves") / "state.pt")["step"] == steps // 2
-    second = run_training(two_worker_config(data_dir, tmp_path, "halves", steps), progress=False)
-    assert second["step"] == steps and len(read_metrics(tmp_path / "halves")) == steps
+    def step_then_die(self):
+        train_step(self)
+        trigger = out / "kill_after"
+        if self.rank == 1 and trigger.exists() and self.step == int(trigger.read_text()):
+            trigger.rename(out / "killed")
+            os.kill(os.getpid(), signal.SIGKILL)
 
-    reference = losses_by_step(tmp_path / "straight")
-    for name in ("killed", "halves"):
-        got = losses_by_step(tmp_path / name)
-        assert all(abs(got[s] - reference[s]) < 1e-5 for s in range(1, steps + 1)), name
+    def resume_and_record(self, state):
+        resume(self, state)
+        if self.rank == 0:
+            with open(out / "resumed_from", "a") as f:
+                f.write(f"{self.step}\n")
+
+    Trainer.train_step, Trainer.resume = step_then_die, resume_and_record
+    launch.worker_loop(config)
+
+
+def test_a_killed_worker_and_a_rerun_resume_from_checkpoints_and_reproduce_the_straight_run(
+    straight, data_dir, tmp_path, monkeypatch, capsys
+):
+    from loqt_ray import launch
+
+    _, reference = straight
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(launch, "worker_loop", killing_loop)
+    run = tmp_path / "resumed"
+    extra = ("train.checkpoint_every=6", "scale.max_failures=2")
+
+    # 12 of 24 steps; rank 1 dies after step 9, Ray restarts both workers from the step-6 checkpoint.
+    run.mkdir()
+    (run / "kill_after").write_text("9")
+    first = two_worker_config(data_dir, tmp_path, "resumed", STEPS, *extra, "train.stop_at_step=12")
+    assert run_training(first, progress=False)["step"] == 12
+    assert (run / "killed").exists() and (run / "resumed_from").read_text().split() == ["6"]
+    assert [row["step"] for row in read_metrics(run)] == list(range(1, 13))  # steps 7-9 once
+    assert read(latest(run) / "state.pt")["step"] == 12
+
+    # The same command again (without the stop) resumes from step 12 and says so.
+    second = run_training(two_worker_config(data_dir, tmp_path, "resumed", STEPS, *extra), progress=False)
+    assert second["step"] == STEPS
+    assert "resuming resumed from step 12" in capsys.readouterr().err
+    assert (run / "resumed_from").read_text().split() == ["6", "12"]
+    assert [row["step"] for row in read_metrics(run)] == list(range(1, STEPS + 1))
+    got = losses_by_step(run)
+    assert all(abs(got[s] - reference[s]) < 1e-5 for s in range(1, STEPS + 1))
 
     # Resuming under another model shape is refused before any cluster work, run untouched.
-    before = (tmp_path / "halves" / "metrics.jsonl").read_text()
+    before = (run / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match="train.name"):
-        run_training(two_worker_config(data_dir, tmp_path, "halves", steps, "loqt.rank=4"), progress=False)
-    assert (tmp_path / "halves" / "metrics.jsonl").read_text() == before
+        run_training(two_worker_config(data_dir, tmp_path, "resumed", STEPS, "loqt.rank=4"), progress=False)
+    assert (run / "metrics.jsonl").read_text() == before

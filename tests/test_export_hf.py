@@ -12,7 +12,6 @@ from loqt_ray.loqt import loqt_layers
 from loqt_ray.trainer import evaluate
 
 
-@pytest.mark.slow
 def test_export_hf_loads_in_transformers_with_the_trainers_val_ppl(trained_run, tmp_path):
     run, final = trained_run
     out = tmp_path / "hf"
@@ -23,8 +22,13 @@ def test_export_hf_loads_in_transformers_with_the_trainers_val_ppl(trained_run, 
 
     cfg = load_config(run / "config.yaml")
     data = prepare(cfg.data)
-    nll, count = evaluate(model, data.val, val_rows(data.val, cfg.train.eval_tokens, 0, 1),
-                          cfg.train.micro_batch_size, torch.device("cpu"))
+    nll, count = evaluate(
+        model,
+        data.val,
+        val_rows(data.val, cfg.train.eval_tokens, 0, 1),
+        cfg.train.micro_batch_size,
+        torch.device("cpu"),
+    )
     assert math.exp(nll / count) == pytest.approx(final["val_ppl"], rel=0.01)
 
     # Each exported weight is deq(W) + s·B·P, and the low-rank part is really there.

@@ -1,4 +1,5 @@
 """Bad input, hostile checkpoints and non-finite losses: a clear line, exit 2, nothing lost."""
+
 import shutil
 from pathlib import Path
 
@@ -7,15 +8,18 @@ import ray
 import torch
 import yaml
 
+from loqt_ray.checkpoint import STATE_FILE, latest, read
 from loqt_ray.cli import main
 from loqt_ray.config import ConfigError
-from loqt_ray.launch import STATE_FILE, latest_checkpoint, load_state, read_metrics
+from loqt_ray.results import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tree(*roots: Path) -> dict:
-    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for root in roots for p in root.rglob("*") if p.is_file()}
+    return {
+        p: (p.stat().st_size, p.stat().st_mtime_ns) for root in roots for p in root.rglob("*") if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def inputs(tmp_path_factory, trained_run, data_dir):
     (d / "full").mkdir()
     (d / "full" / "keep.txt").write_text("keep me\n")
     truncated = shutil.copytree(run, d / "runs" / "truncated")
-    state = latest_checkpoint(truncated) / STATE_FILE
+    state = latest(truncated) / STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     other = shutil.copytree(run, d / "runs" / "other")
     cfg = yaml.safe_load((other / "config.yaml").read_text())
@@ -62,45 +66,118 @@ CASES = [
     ("rank too large", lambda d, run, data: _train("loqt.rank=4096"), "loqt.rank"),
     ("float steps", lambda d, run, data: _train("train.steps=1.5"), "train.steps"),
     ("block size", lambda d, run, data: _train("loqt.quant_block_size=48"), "loqt.quant_block_size"),
-    ("refresh not multiple", lambda d, run, data: _train("loqt.update_interval=30", "loqt.refresh_interval=45"),
-     "loqt.refresh_interval"),
-    ("8-bit Adam with ZeRO", lambda d, run, data: _train("optim.name=adam8bit", "scale.zero_stage=2"), "optim.name"),
-    ("missing data", lambda d, run, data: _train(f"data.source={d}/nope.parquet", f"data.data_dir={data}",
-                                                 f"train.output_dir={d}/runs"), "data.source"),
-    ("empty data", lambda d, run, data: _train(f"data.source={d}/empty.txt", f"data.data_dir={data}",
-                                               f"train.output_dir={d}/runs"), "data.source"),
-    ("unreadable tokenizer", lambda d, run, data: _train(f"data.tokenizer={d}/tok", f"data.data_dir={data}",
-                                                         f"train.output_dir={d}/runs"), "data.tokenizer"),
-    ("truncated checkpoint", lambda d, run, data: ["train", "--config", f"{d}/runs/truncated/config.yaml",
-                                                   "--set", f"train.output_dir={d}/runs", "--set",
-                                                   "train.name=truncated"], STATE_FILE),
-    ("checkpoint of another shape", lambda d, run, data: [
-        "train", "--config", f"{run}/config.yaml", "--set", f"train.output_dir={run.parent}", "--set", "model.size=tiny"],
-     "another model"),
+    (
+        "refresh not multiple",
+        lambda d, run, data: _train("loqt.update_interval=30", "loqt.refresh_interval=45"),
+        "loqt.refresh_interval",
+    ),
+    (
+        "8-bit Adam with ZeRO",
+        lambda d, run, data: _train("optim.name=adam8bit", "scale.zero_stage=2"),
+        "optim.name",
+    ),
+    (
+        "missing data",
+        lambda d, run, data: _train(
+            f"data.source={d}/nope.parquet", f"data.data_dir={data}", f"train.output_dir={d}/runs"
+        ),
+        "data.source",
+    ),
+    (
+        "empty data",
+        lambda d, run, data: _train(
+            f"data.source={d}/empty.txt", f"data.data_dir={data}", f"train.output_dir={d}/runs"
+        ),
+        "data.source",
+    ),
+    (
+        "unreadable tokenizer",
+        lambda d, run, data: _train(
+            f"data.tokenizer={d}/tok", f"data.data_dir={data}", f"train.output_dir={d}/runs"
+        ),
+        "data.tokenizer",
+    ),
+    (
+        "truncated checkpoint",
+        lambda d, run, data: [
+            "train",
+            "--config",
+            f"{d}/runs/truncated/config.yaml",
+            "--set",
+            f"train.output_dir={d}/runs",
+            "--set",
+            "train.name=truncated",
+        ],
+        STATE_FILE,
+    ),
+    (
+        "checkpoint of another shape",
+        lambda d, run, data: [
+            "train",
+            "--config",
+            f"{run}/config.yaml",
+            "--set",
+            f"train.output_dir={run.parent}",
+            "--set",
+            "model.size=tiny",
+        ],
+        "another model",
+    ),
     ("empty choice", lambda d, run, data: ["sweep", f"{d}/sweep_empty_choice.yaml"], "params.loqt.rank"),
-    ("missing search space", lambda d, run, data: ["sweep", f"{d}/sweep_no_space.yaml"], "no_such_space.yaml"),
-    ("sweep unknown key", lambda d, run, data: ["sweep", "jobs/sweep.yaml", "--set", "sweep.nmu_samples=3"],
-     "sweep.nmu_samples"),
-    ("ASHA factor", lambda d, run, data: ["sweep", "jobs/sweep.yaml", "--set", "asha.reduction_factor=1"],
-     "asha.reduction_factor"),
-    ("export of no sweep", lambda d, run, data: ["export", f"{d}/nothing", "-o", f"{d}/best.yaml"],
-     "not a sweep directory"),
-    ("export over a file", lambda d, run, data: ["export", f"{d}/nothing", "-o", f"{d}/exists.yaml"],
-     "exists.yaml"),
+    (
+        "missing search space",
+        lambda d, run, data: ["sweep", f"{d}/sweep_no_space.yaml"],
+        "no_such_space.yaml",
+    ),
+    (
+        "sweep unknown key",
+        lambda d, run, data: ["sweep", "jobs/sweep.yaml", "--set", "sweep.nmu_samples=3"],
+        "sweep.nmu_samples",
+    ),
+    (
+        "ASHA factor",
+        lambda d, run, data: ["sweep", "jobs/sweep.yaml", "--set", "asha.reduction_factor=1"],
+        "asha.reduction_factor",
+    ),
+    (
+        "export of no sweep",
+        lambda d, run, data: ["export", f"{d}/nothing", "-o", f"{d}/best.yaml"],
+        "not a sweep directory",
+    ),
+    (
+        "export over a file",
+        lambda d, run, data: ["export", f"{d}/nothing", "-o", f"{d}/exists.yaml"],
+        "exists.yaml",
+    ),
     ("export-hf truncated", lambda d, run, data: ["export-hf", f"{d}/runs/truncated", f"{d}/hf"], STATE_FILE),
-    ("export-hf other shape", lambda d, run, data: ["export-hf", f"{d}/runs/other", f"{d}/hf"], "does not fit"),
+    (
+        "export-hf other shape",
+        lambda d, run, data: ["export-hf", f"{d}/runs/other", f"{d}/hf"],
+        "does not fit",
+    ),
     ("export-hf no checkpoint", lambda d, run, data: ["export-hf", f"{d}/nothing", f"{d}/hf"], "nothing"),
     ("export-hf into files", lambda d, run, data: ["export-hf", str(run), f"{d}/full"], "not empty"),
-    ("memory model", lambda d, run, data: ["memory", "--model", "2b"], "--model"),
-    ("memory rank", lambda d, run, data: ["memory", "--model", "7b", "--rank", "0"], "--rank"),
-    ("memory block size", lambda d, run, data: ["memory", "--model", "7b", "--block-size", "48"], "--block-size"),
-    ("memory optimizer", lambda d, run, data: ["memory", "--model", "7b", "--optimizer", "sgd"], "--optimizer"),
+    ("memory model", lambda d, run, data: ["memory", "--model", "2b"], "model.size"),
+    ("memory rank", lambda d, run, data: ["memory", "--model", "7b", "--rank", "0"], "loqt.rank"),
+    (
+        "memory block size",
+        lambda d, run, data: ["memory", "--model", "7b", "--set", "loqt.quant_block_size=48"],
+        "loqt.quant_block_size",
+    ),
+    (
+        "memory optimizer",
+        lambda d, run, data: ["memory", "--model", "7b", "--optimizer", "sgd"],
+        "optim.name",
+    ),
+    ("memory gpu size", lambda d, run, data: ["memory", "--model", "7b", "--gpu-gb", "0"], "--gpu-gb"),
+    ("empty config", lambda d, run, data: ["train", "--config", f"{d}/empty.txt"], "config file is empty"),
 ]
 
 
 @pytest.mark.parametrize("name,argv,names", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_no_cluster_nothing_overwritten(inputs, capsys, monkeypatch, name, argv,
-                                                                     names):
+def test_bad_input_is_one_line_exit_2_no_cluster_nothing_overwritten(
+    inputs, capsys, monkeypatch, name, argv, names
+):
     d, run = inputs["d"], inputs["run"]
     monkeypatch.chdir(ROOT)
     before = _tree(d, run, ROOT / "jobs", ROOT / "search_spaces")
@@ -129,10 +206,10 @@ class _Payload:
 def test_a_checkpoint_carrying_a_pickle_payload_is_refused(inputs, tmp_path, capsys):
     run = shutil.copytree(inputs["run"], tmp_path / "run")
     marker = tmp_path / "pwned"
-    state = latest_checkpoint(run) / STATE_FILE
+    state = latest(run) / STATE_FILE
     torch.save({"buffers": {}, "engine": _Payload(marker)}, state)
     with pytest.raises(ConfigError, match=STATE_FILE):
-        load_state(state)
+        read(state)
     assert main(["export-hf", str(run), str(tmp_path / "hf")]) == 2
     assert STATE_FILE in capsys.readouterr().err
     assert not marker.exists()
@@ -146,16 +223,26 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(inpu
     """Resume a real run with an absurd learning rate: it stops with one line, exit 1, and the
     step-8 checkpoint stays the latest; resuming with a sane lr then finishes the run."""
     run = shutil.copytree(inputs["run"], tmp_path / "nano")
-    good = latest_checkpoint(run)
+    good = latest(run)
     good_state = (good / STATE_FILE).read_bytes()
-    original = shutil.copy(run / "config.yaml", tmp_path / "original.yaml")  # each invocation rewrites the run's
-    base = ["train", "--config", str(original), "--set", f"train.output_dir={tmp_path}", "--set", "train.steps=16"]
+    original = shutil.copy(
+        run / "config.yaml", tmp_path / "original.yaml"
+    )  # each invocation rewrites the run's
+    base = [
+        "train",
+        "--config",
+        str(original),
+        "--set",
+        f"train.output_dir={tmp_path}",
+        "--set",
+        "train.steps=16",
+    ]
     try:
         assert main(base + ["--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert "is not finite" in err[-1] and "the last checkpoint is kept" in err[-1]
         assert ray._private.worker.get_dashboard_url().startswith("127.0.0.1:")
-        assert latest_checkpoint(run) == good and (good / STATE_FILE).read_bytes() == good_state
+        assert latest(run) == good and (good / STATE_FILE).read_bytes() == good_state
         assert main(base) == 0
         assert read_metrics(run)[-1]["step"] == 16
     finally:

@@ -1,4 +1,5 @@
 """`ray job submit` of a sweep to a local head, exactly as the README does it, token auth on."""
+
 import os
 import shutil
 import signal
@@ -18,10 +19,26 @@ from loqt_ray.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv whose `ray` and `loqt-ray` the cluster runs
-TINY = ["--set", "sweep.name=jobtest", "--set", "sweep.num_samples=2", "--set", "sweep.tokens_per_trial=6144",
-        "--set", "sweep.eval_every_tokens=1536", "--set", "asha.grace_period_tokens=1536",
-        "--set", "trial.model.size=nano", "--set", "trial.data.vocab_size=2048", "--set", "trial.data.seq_len=64",
-        "--set", "trial.train.eval_tokens=2048"]
+TINY = [
+    "--set",
+    "sweep.name=jobtest",
+    "--set",
+    "sweep.num_samples=2",
+    "--set",
+    "sweep.tokens_per_trial=6144",
+    "--set",
+    "sweep.eval_every_tokens=1536",
+    "--set",
+    "asha.grace_period_tokens=1536",
+    "--set",
+    "trial.model.size=nano",
+    "--set",
+    "trial.data.vocab_size=2048",
+    "--set",
+    "trial.data.seq_len=64",
+    "--set",
+    "trial.train.eval_tokens=2048",
+]
 
 
 def _processes_under(temp_dir: str) -> list[int]:
@@ -55,23 +72,38 @@ def test_job_submit_runs_a_sweep_and_exports_best_yaml(tmp_path):
     home = tmp_path / "home"  # the token, ~/loqt-ray (LOQT_RAY_HOME in runtime_env.yaml) and nothing else
     home.mkdir()
     temp_dir = tempfile.mkdtemp(prefix="lrj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}",
-           # DeepSpeed's CPU op is JIT-compiled once per machine; keep using the real cache.
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                  str(Path.home() / ".cache" / "torch_extensions"))}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "RAY_AUTH_MODE": "token",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        # DeepSpeed's CPU op is JIT-compiled once per machine; keep using the real cache.
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")
+        ),
+    }
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
 
     def ray(*args, timeout=120):
-        return subprocess.run([str(BIN / "ray"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "ray"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
 
     assert ray("get-auth-token", "--generate").returncode == 0
     try:
-        head = ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                   f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}", "--num-cpus=2",
-                   "--disable-usage-stats")
+        head = ray(
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={temp_dir}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+        )
         assert head.returncode == 0, head.stderr[-3000:]
 
         # The job API is on loopback only and refuses a request without the token.
@@ -83,9 +115,22 @@ def test_job_submit_runs_a_sweep_and_exports_best_yaml(tmp_path):
             with pytest.raises(OSError):
                 socket.create_connection((external, dashboard), timeout=3).close()
 
-        job = ray("job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
-                  "--runtime-env", "jobs/runtime_env.yaml", "--", "loqt-ray", "sweep", "jobs/sweep.yaml", *TINY,
-                  timeout=780)
+        job = ray(
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dashboard}",
+            "--working-dir",
+            ".",
+            "--runtime-env",
+            "jobs/runtime_env.yaml",
+            "--",
+            "loqt-ray",
+            "sweep",
+            "jobs/sweep.yaml",
+            *TINY,
+            timeout=780,
+        )
         log = job.stdout + job.stderr
         assert job.returncode == 0 and "succeeded" in log, log[-4000:]
 

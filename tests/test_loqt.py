@@ -1,4 +1,5 @@
 import io
+import itertools
 import math
 
 import pytest
@@ -41,7 +42,7 @@ def test_forward_is_dequantized_weight_plus_scaled_low_rank(shape):
     expected = x @ layer.weight_q.dequantize().T + 0.5 * x @ bp.T
     assert torch.allclose(layer(x), expected, atol=1e-5)
     assert layer.B.shape[0 if layer.p_is_a else 1] == max(shape)  # B on the larger side
-    assert min(shape) in layer.projection.shape                   # P on the smaller side
+    assert min(shape) in layer.projection.shape  # P on the smaller side
 
 
 def test_rank_is_capped_by_the_layer():
@@ -54,7 +55,7 @@ def test_merge_changes_outputs_by_at_most_the_quantization_error(iters):
     _, layer = make_layer(96, 64)
     layer.update(None, torch.randn(96, 64), iters)  # the step-0 refresh: P from a gradient, W quantized
     with torch.no_grad():
-        layer.B.normal_(std=0.01)                   # as if trained since
+        layer.B.normal_(std=0.01)  # as if trained since
     before = effective_weight(layer)
     x = torch.randn(32, 64)
     y_before = x @ before.T
@@ -64,7 +65,9 @@ def test_merge_changes_outputs_by_at_most_the_quantization_error(iters):
     after = effective_weight(layer)
     quant_err = torch.linalg.matrix_norm(before - NF4Tensor(before).dequantize())
     assert torch.linalg.matrix_norm(after - before) <= quant_err * (1 + 1e-5)
-    assert torch.linalg.matrix_norm(x @ after.T - y_before) <= torch.linalg.matrix_norm(x) * quant_err * (1 + 1e-5)
+    assert torch.linalg.matrix_norm(x @ after.T - y_before) <= torch.linalg.matrix_norm(x) * quant_err * (
+        1 + 1e-5
+    )
 
 
 def test_no_quantization_merge_is_exact():
@@ -149,7 +152,7 @@ def test_schedules():
     steps = update_steps(10_000, "exponential", 100, 1.2)
     assert 1000 < steps[-1] - steps[-2] < 1200  # gaps reach about 1.1k by step 10k
     capped = update_steps(40_000, "exponential", 100, 1.2, max_gap=2500)
-    assert max(b - a for a, b in zip(capped, capped[1:])) == 2500
+    assert max(b - a for a, b in itertools.pairwise(capped)) == 2500
     s = UpdateSchedule(LoQTConfig(schedule="static", update_interval=10, refresh_interval=30), 100)
     assert [t for t in range(100) if s.is_update(t)] == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]
     assert [t for t in range(100) if s.is_refresh(t)] == [0, 30, 60, 90]
@@ -163,7 +166,11 @@ def test_apply_loqt_trainable_parameters_follow_the_formula():
     h, i, v, r = 128, 352, 2048, 16
     per_layer = 4 * h * r + 3 * i * r + 2 * h  # B factors (max side x r) and the two norms
     formula = 4 * per_layer + 2 * v * h + h
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == formula == expected_trainable_parameters(model)
+    assert (
+        sum(p.numel() for p in model.parameters() if p.requires_grad)
+        == formula
+        == expected_trainable_parameters(model)
+    )
 
 
 def test_state_dict_round_trip_gives_identical_outputs():

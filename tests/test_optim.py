@@ -31,7 +31,7 @@ def test_optimizer_steps_trainable_parameters(name):
     opt = make_optimizer(params, OptimConfig(name=name, lr=1e-2))
     loss_of(model).backward()
     opt.step()
-    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    assert all(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
     if name == "adam8bit":
         states = [s for s in opt.state.values() if "state1" in s]
         assert states and any(s["state1"].dtype == torch.uint8 for s in states)
@@ -44,8 +44,8 @@ def test_per_layer_updates_step_inside_backward_and_free_gradients():
     opt = PerLayerOptimizer(params, OptimConfig(lr=1e-2, grad_clip=1.0))
     assert len(opt.optimizers) == len(params)
     loss_of(model).backward()
-    assert all(p.grad is None for p in params)          # each gradient freed as soon as it was used
-    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    assert all(p.grad is None for p in params)  # each gradient freed as soon as it was used
+    assert all(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
     opt.remove_hooks()
 
 

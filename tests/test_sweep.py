@@ -1,4 +1,3 @@
-import json
 from pathlib import Path
 
 import pytest
@@ -6,8 +5,8 @@ import yaml
 
 from loqt_ray.cli import main
 from loqt_ray.config import ConfigError, load_config
+from loqt_ray.results import leaderboard
 from loqt_ray.search_space import check_space, parse_space
-from loqt_ray.sweep import export, leaderboard, load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,17 +24,22 @@ def test_shipped_spaces_are_valid_for_their_models(space):
     check_space(parse_space(path), {"model": {"size": size}}, path)
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"loqt.rank": {"choice": []}}, "params.loqt.rank: choice needs a non-empty list"),
-    ({"loqt.rank": {"normal": [1, 2]}}, "params.loqt.rank: must be one of"),
-    ({"optim.lr": {"loguniform": [0, 1]}}, "loguniform needs low > 0"),
-    ({"optim.lr": {"uniform": [0.1, 0.01]}}, "low < high"),
-    ({"loqt.rank": {"choice": [8, 256]}}, "rank 256 does not fit the tiny model"),
-    ({"loqt.quant_block_size": {"choice": [64, 48]}}, "params.loqt.quant_block_size: must be one of 32"),
-    ({"loqt.update_interval": {"choice": [20, 30]}, "loqt.refresh_interval": {"choice": [40]}},
-     "params.loqt.refresh_interval: must be a multiple"),
-    ({"loqt.rnak": {"choice": [8]}}, "params.loqt.rnak: unknown key"),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"loqt.rank": {"choice": []}}, "params.loqt.rank: choice needs a non-empty list"),
+        ({"loqt.rank": {"normal": [1, 2]}}, "params.loqt.rank: must be one of"),
+        ({"optim.lr": {"loguniform": [0, 1]}}, "loguniform needs low > 0"),
+        ({"optim.lr": {"uniform": [0.1, 0.01]}}, "low < high"),
+        ({"loqt.rank": {"choice": [8, 256]}}, "rank 256 does not fit the tiny model"),
+        ({"loqt.quant_block_size": {"choice": [64, 48]}}, "params.loqt.quant_block_size: must be one of 32"),
+        (
+            {"loqt.update_interval": {"choice": [20, 30]}, "loqt.refresh_interval": {"choice": [40]}},
+            "params.loqt.refresh_interval: must be a multiple",
+        ),
+        ({"loqt.rnak": {"choice": [8]}}, "params.loqt.rnak: unknown key"),
+    ],
+)
 def test_bad_search_spaces_are_refused_before_any_trial(tmp_path, params, message):
     path = write(tmp_path, "space.yaml", {"params": params})
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
@@ -62,8 +66,14 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
     import ray
 
     spec = yaml.safe_load((ROOT / "jobs" / "sweep.yaml").read_text())
-    spec["sweep"].update(name="t", storage_path=str(tmp_path / "sweeps"), num_samples=4, tokens_per_trial=8 * 64 * 24,
-                         eval_every_tokens=8 * 64 * 6, search_space=str(ROOT / "search_spaces" / "cpu_tiny.yaml"))
+    spec["sweep"].update(
+        name="t",
+        storage_path=str(tmp_path / "sweeps"),
+        num_samples=4,
+        tokens_per_trial=8 * 64 * 24,
+        eval_every_tokens=8 * 64 * 6,
+        search_space=str(ROOT / "search_spaces" / "cpu_tiny.yaml"),
+    )
     spec["asha"]["grace_period_tokens"] = 8 * 64 * 6
     spec["trial"]["model"] = {"size": "nano"}
     spec["trial"]["data"] = {"data_dir": data_dir, "vocab_size": 2048, "seq_len": 64}
@@ -96,7 +106,11 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
         # Rerunning resumes: finished trials are not run again.
         logs = {r["dir"]: Path(r["dir"], "train", "metrics.jsonl").read_text() for r in rows}
         assert main(["sweep", str(path)]) == 0
-        assert {r["dir"]: Path(r["dir"], "train", "metrics.jsonl").read_text() for r in leaderboard(sweep_dir)} == logs
-        assert main(["export", str(sweep_dir), "-o", str(sweep_dir / "best.yaml")]) == 2  # no silent overwrite
+        assert {
+            r["dir"]: Path(r["dir"], "train", "metrics.jsonl").read_text() for r in leaderboard(sweep_dir)
+        } == logs
+        assert (
+            main(["export", str(sweep_dir), "-o", str(sweep_dir / "best.yaml")]) == 2
+        )  # no silent overwrite
     finally:
         ray.shutdown()

@@ -6,10 +6,23 @@ from loqt_ray.config import load_config
 def test_full_rank_training_lowers_validation_loss(data_dir):
     from loqt_ray.trainer import train
 
-    cfg = load_config(None, [f"data.data_dir={data_dir}", "data.vocab_size=2048", "data.seq_len=128",
-                             "model.size=nano", "loqt.method=full", "optim.lr=3e-3", "optim.warmup_steps=5",
-                             "train.steps=40", "train.micro_batch_size=8", "train.eval_every=20",
-                             "train.eval_tokens=8192", "train.log_every=20"])
+    cfg = load_config(
+        None,
+        [
+            f"data.data_dir={data_dir}",
+            "data.vocab_size=2048",
+            "data.seq_len=128",
+            "model.size=nano",
+            "loqt.method=full",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=5",
+            "train.steps=40",
+            "train.micro_batch_size=8",
+            "train.eval_every=20",
+            "train.eval_tokens=8192",
+            "train.log_every=20",
+        ],
+    )
     reports = []
     final = train(cfg, reports.append)
     evals = [r for r in reports if "val_ppl" in r]
@@ -22,12 +35,28 @@ def test_full_rank_training_lowers_validation_loss(data_dir):
 def test_loqt_training_merges_on_schedule_even_when_evaluation_coincides(data_dir):
     from loqt_ray.trainer import train
 
-    cfg = load_config(None, [f"data.data_dir={data_dir}", "data.vocab_size=2048", "data.seq_len=128",
-                             "model.size=nano", "loqt.method=loqt", "loqt.rank=8", "loqt.schedule=static",
-                             "loqt.update_interval=10", "loqt.refresh_interval=20", "optim.lr=3e-3",
-                             "optim.warmup_steps=5", "train.steps=40", "train.micro_batch_size=8",
-                             "train.grad_accum=2", "train.eval_every=10", "train.eval_tokens=4096",
-                             "train.log_every=10"])
+    cfg = load_config(
+        None,
+        [
+            f"data.data_dir={data_dir}",
+            "data.vocab_size=2048",
+            "data.seq_len=128",
+            "model.size=nano",
+            "loqt.method=loqt",
+            "loqt.rank=8",
+            "loqt.schedule=static",
+            "loqt.update_interval=10",
+            "loqt.refresh_interval=20",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=5",
+            "train.steps=40",
+            "train.micro_batch_size=8",
+            "train.grad_accum=2",
+            "train.eval_every=10",
+            "train.eval_tokens=4096",
+            "train.log_every=10",
+        ],
+    )
     reports = []
     train(cfg, reports.append)
     # merges at steps 0, 10, 20, 30 (0-based), one per interval whatever the evaluations in between
@@ -40,10 +69,26 @@ def test_bf16_autocast_loqt_run(data_dir):
     """The GPU recipe (bf16 compute, fp32 master values, 8-bit Adam) runs on CPU too."""
     from loqt_ray.trainer import train
 
-    cfg = load_config(None, [f"data.data_dir={data_dir}", "data.vocab_size=2048", "data.seq_len=128",
-                             "model.size=nano", "loqt.rank=8", "loqt.update_interval=5", "train.dtype=bfloat16",
-                             "optim.name=adam8bit", "scale.zero_stage=0", "optim.lr=1e-2", "train.steps=20", "train.micro_batch_size=8",
-                             "train.eval_every=20", "train.eval_tokens=2048", "train.log_every=20"])
+    cfg = load_config(
+        None,
+        [
+            f"data.data_dir={data_dir}",
+            "data.vocab_size=2048",
+            "data.seq_len=128",
+            "model.size=nano",
+            "loqt.rank=8",
+            "loqt.update_interval=5",
+            "train.dtype=bfloat16",
+            "optim.name=adam8bit",
+            "scale.zero_stage=0",
+            "optim.lr=1e-2",
+            "train.steps=20",
+            "train.micro_batch_size=8",
+            "train.eval_every=20",
+            "train.eval_tokens=2048",
+            "train.log_every=20",
+        ],
+    )
     final = train(cfg)
     assert final["updates"] == 4 and final["val_ppl"] < 2048  # merges at 0, 5, 11, 17
     assert final["optimizer_bytes"] > 0

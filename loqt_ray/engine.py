@@ -1,0 +1,134 @@
+"""The engine: who owns the trainable values and the optimizer, and who steps it.
+
+The trainer drives every engine through the same calls, once per optimizer step:
+
+    engine.set_lr(lr)
+    for each micro-batch:  loss = engine.model(...).loss / grad_accum;  engine.backward(loss)
+    norm = engine.step()          # the one call that applies the optimizer step
+
+- `model`: the module forwards go through (training and evaluation alike).
+- `backward(loss)`: accumulates one micro-batch's gradients; never steps the optimizer
+  (per-layer updates are the one exception, documented on PerLayerOptimizer: they step
+  inside backward, and `step` then only reports).
+- `step()`: clips, applies the accumulated step, zeroes the gradients; returns the global
+  gradient norm before clipping as a 0-dim tensor (no host sync), or None where no global
+  norm exists (per-layer updates).
+- `full_precision(p)`: the value the optimizer steps (its master copy), as a float32 tensor.
+- `set_param(p, value)`: installs a new value everywhere the engine keeps one (master copy
+  and forward copy), as a merge does for B.
+- `state_dict()` / `load_state_dict(state)`: trainable values and optimizer state as plain
+  tensors (checkpoint.py stores them; weights_only loads them).
+- `state_bytes()`: bytes of weights, gradients and optimizer state as this engine holds them.
+
+PlainEngine is the single-process torch implementation; distributed.DeepSpeedEngine is
+the DeepSpeed ZeRO one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+
+from .config import Config
+from .optim import PerLayerOptimizer, make_optimizer
+
+
+class Engine(Protocol):
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> torch.Tensor | None: ...
+
+    def full_precision(self, param: torch.nn.Parameter) -> torch.Tensor: ...
+
+    def set_param(self, param: torch.nn.Parameter, value: torch.Tensor) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def state_bytes(self) -> dict: ...
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def held_bytes(module: torch.nn.Module, params: list, optimizer_tensors: Iterable[torch.Tensor]) -> dict:
+    """Weights (parameters and buffers), gradients (one per trainable element, as held during a
+    step) and optimizer state (every tensor it keeps): the figures every engine reports."""
+    return {
+        "weight_bytes": tensor_bytes(list(module.parameters()) + list(module.buffers())),
+        "grad_bytes": tensor_bytes(params),
+        "optimizer_bytes": tensor_bytes(optimizer_tensors),
+    }
+
+
+def optimizer_tensors(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    return [
+        v for opt in optimizers for state in opt.state.values() for v in state.values() if torch.is_tensor(v)
+    ]
+
+
+class PlainEngine:
+    """A torch optimizer (or per-layer optimizers) on one process."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config):
+        self.model, self.cfg = model, cfg
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.optim.per_layer:
+            self.optimizer = PerLayerOptimizer(self.params, cfg.optim)
+        else:
+            self.optimizer = make_optimizer(self.params, cfg.optim)
+
+    @property
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        if isinstance(self.optimizer, PerLayerOptimizer):
+            return list(self.optimizer.optimizers.values())
+        return [self.optimizer]
+
+    def set_lr(self, lr: float) -> None:
+        if isinstance(self.optimizer, PerLayerOptimizer):
+            self.optimizer.set_lr(lr)
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> torch.Tensor | None:
+        if isinstance(self.optimizer, PerLayerOptimizer):
+            return None  # each tensor stepped inside backward
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def full_precision(self, param: torch.nn.Parameter) -> torch.Tensor:
+        return param.detach().float()
+
+    def set_param(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            param.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {
+            "params": [p.detach().cpu().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for p, value in zip(self.params, state["params"], strict=True):
+            self.set_param(p, value)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def state_bytes(self) -> dict:
+        return held_bytes(self.model, self.params, optimizer_tensors(self._optimizers))
