@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from recipe import tiny_recipe
 
 from loqt_ray.config import load_config
 from loqt_ray.engine import PlainEngine, held_bytes, optimizer_tensors
@@ -75,23 +76,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/loqt.json")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    base = [
-        f"model.size={args.size}",
-        "data.seq_len=128",
-        "data.data_dir=data",
-        f"train.steps={args.steps}",
-        "train.micro_batch_size=16",
-        f"train.eval_every={args.steps}",
-        f"train.log_every={args.steps}",
-        "train.eval_tokens=65536",
-        "optim.lr=3e-3",
-        f"optim.warmup_steps={args.steps // 10}",
-        f"loqt.rank={args.rank}",
-        "loqt.update_interval=30",
-        "loqt.psi=1.5",
-        "loqt.lora_alpha=0.5",
-        *args.overrides,
-    ]
+    base = [*tiny_recipe(args.steps, size=args.size, rank=args.rank), "loqt.lora_alpha=0.5", *args.overrides]
     try:
         import galore_torch  # noqa: F401
     except ImportError:

@@ -127,30 +127,51 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.gpu_gb is not None and args.gpu_gb <= 0:
         raise ConfigError("--gpu-gb", f"must be > 0 (got {args.gpu_gb})")
     cfg = load_config(args.config, _memory_overrides(args))
-    from .memory import GIB, METHODS, assumptions_for, estimate, largest_batch, table
-
     if cfg.model.path is not None:
         raise ConfigError("model.path", "the estimator needs a registry size (model.size), not a local model")
-    size, rank, vocab = cfg.model.size, cfg.loqt.rank, cfg.data.vocab_size
-    batch, seq = cfg.train.micro_batch_size, cfg.data.seq_len
-    a = assumptions_for(cfg, {"bf16": 2.0, "fp32": 4.0}[args.dtype])
-    methods = [args.method] if args.method != "all" else list(METHODS)
+    from . import memory
+
+    if args.gpu_gb is not None:  # a question about a GPU: estimate the run on one
+        cfg.scale.use_gpu = True
+    device = "a GPU" if cfg.scale.use_gpu else "the CPU"
     print(
-        f"{size}, rank {rank}, vocab {vocab}, {a.optimizer}, "
-        f"{args.dtype} weights/gradients/states/activations, "
+        f"{cfg.model.size}, {cfg.loqt.method} rank {cfg.loqt.rank}, vocab {cfg.data.vocab_size}, "
+        f"micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len}, on {device}"
+    )
+    if args.paper:
+        _print_paper_accounting(cfg, args, memory)
+    else:
+        estimate = memory.trainer_estimate(cfg)
+        print(f"as this trainer holds it: {estimate.engine}")
+        print(memory.trainer_table(estimate, cfg.train.micro_batch_size, cfg.data.seq_len))
+    if args.gpu_gb is not None:
+        fits, peak = memory.largest_trainer_batch(cfg, args.gpu_gb)
+        print(
+            f"largest micro-batch within {args.gpu_gb:g} GiB: {fits} "
+            f"(peak {peak / memory.GIB:.1f} GiB, refresh steps included)"
+        )
+    return 0
+
+
+def _print_paper_accounting(cfg, args: argparse.Namespace, memory) -> None:
+    """The paper's Table 3 accounting for five methods, every dense value `--dtype` wide."""
+    a = memory.assumptions_for(cfg, {"bf16": 2.0, "fp32": 4.0}[args.dtype])
+    methods = [args.method] if args.method != "all" else list(memory.METHODS)
+    print(
+        f"the paper's accounting: {a.optimizer}, {args.dtype} weights/gradients/states/activations, "
         f"NF4 block {a.block_size}{' + double quant' if a.double_quant else ''}"
         f"{', P in NF4' if a.quantize_projection else ''}{', per-layer updates' if a.per_layer else ''}"
     )
-    print(table(size, rank, vocab, batch, seq, a, methods))
-    if args.gpu_gb is not None:
-        for method in methods:
-            fits = largest_batch(size, method, rank, args.gpu_gb, vocab, seq, a)
-            peak = estimate(size, method, rank, vocab, max(fits, 1), seq, a)
-            extra = ""
-            if peak.refresh_capture:
-                extra = f" (refresh steps add {peak.refresh_capture / GIB:.1f} GiB of gradient capture)"
-            print(f"{method}: largest micro-batch within {args.gpu_gb:g} GiB at seq {seq}: {fits}{extra}")
-    return 0
+    shape = (cfg.model.size, cfg.loqt.rank, cfg.data.vocab_size)
+    print(memory.table(*shape, cfg.train.micro_batch_size, cfg.data.seq_len, a, methods))
+    if args.gpu_gb is None:
+        return
+    for method in methods:
+        size, rank, vocab = shape
+        fits = memory.largest_batch(size, method, rank, args.gpu_gb, vocab, cfg.data.seq_len, a)
+        print(
+            f"{method} (paper): largest micro-batch within {args.gpu_gb:g} GiB before refresh steps: {fits}"
+        )
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -163,8 +184,8 @@ class _OneLineParser(argparse.ArgumentParser):
 def _add_memory_parser(sub) -> None:
     p = sub.add_parser(
         "memory",
-        help="estimate training memory per component (weights, gradients, states, activations) for "
-        "full-rank, LoRA, GaLore, LoQT and LoQT-nq",
+        help="estimate what training allocates (weights, master copy, gradients, states, activations, "
+        "refresh steps); --paper for the paper's accounting of five methods",
         description="Settings come from --config/--set like every command; the shorthands below are "
         "exactly --set of the field named in brackets.",
     )
@@ -174,18 +195,29 @@ def _add_memory_parser(sub) -> None:
     for flag, (_, text) in MEMORY_FLAGS.items():
         p.add_argument(flag, action="store_true", help=text)
     p.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's Table 3 accounting for full-rank, LoRA, GaLore, LoQT and LoQT-nq instead of "
+        "what this trainer allocates",
+    )
+    p.add_argument(
         "--method",
         default="all",
         choices=["all", "full", "lora", "galore", "loqt", "loqt-nq"],
-        help="the column(s) to show",
+        help="with --paper: the column(s) to show",
     )
     p.add_argument(
         "--dtype",
         default="bf16",
         choices=["bf16", "fp32"],
-        help="width of weights, gradients, Adam moments and activations",
+        help="with --paper: width of weights, gradients, Adam moments and activations",
     )
-    p.add_argument("--gpu-gb", type=float, help="also print the largest micro-batch that fits this many GiB")
+    p.add_argument(
+        "--gpu-gb",
+        type=float,
+        help="estimate the run on a GPU and print the largest micro-batch whose refresh-step peak "
+        "fits this many GiB",
+    )
     p.set_defaults(func=cmd_memory)
 
 

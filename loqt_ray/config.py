@@ -120,6 +120,11 @@ class LoQTConfig:
     psi: float = 1.2  # exponential growth of the gap
     gap_increment: int = 100  # linear growth of the gap
     max_gap: int | None = None  # cap on the gap between merges
+    # How a refresh gets the step's gradient of W. exact: a dense fp32 buffer per wrapped layer, all
+    # alive from the step's first micro-batch to the merge (any gradient accumulation). layerwise:
+    # one micro-batch per step; each layer's gradient is reduced, SVD'd and freed inside backward,
+    # so one exists at a time (same P). auto: layerwise when train.grad_accum is 1, else exact.
+    refresh: Literal["auto", "exact", "layerwise"] = "auto"
 
 
 @dataclass
@@ -147,7 +152,10 @@ class TrainConfig:
     eval_tokens: int = 65536
     log_every: int = 10
     seed: int = 0
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (bfloat16: autocast)
+    # false: trainable values stored in the compute dtype, no fp32 copy (the reference's 16-bit
+    # single-GPU mode; needs dtype bfloat16 and optim.per_layer)
+    master_weights: bool = True
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
 
@@ -450,6 +458,26 @@ def _validate_optim(optim: OptimConfig, train: TrainConfig, scale: ScaleConfig) 
         )
 
 
+def _validate_precision(cfg: Config) -> None:
+    _require(
+        cfg.loqt.refresh != "layerwise" or cfg.train.grad_accum == 1,
+        "loqt.refresh",
+        "layerwise refreshes take the SVD inside backward, so they need one micro-batch per step: "
+        "set train.grad_accum=1 or loqt.refresh=exact",
+    )
+    if not cfg.train.master_weights:
+        _require(
+            cfg.train.dtype == "bfloat16",
+            "train.master_weights",
+            "false stores trainable values in the compute dtype; set train.dtype=bfloat16",
+        )
+        _require(
+            cfg.optim.per_layer,
+            "train.master_weights",
+            "false is the single-worker 16-bit mode of the plain engine; set optim.per_layer=true",
+        )
+
+
 def _validate_train(train: TrainConfig) -> None:
     _require(
         bool(train.name) and "/" not in train.name,
@@ -504,5 +532,6 @@ def validate(cfg: Config) -> None:
             f"(must be <= {shape.hidden})",
         )
     _validate_optim(cfg.optim, cfg.train, cfg.scale)
+    _validate_precision(cfg)
     _validate_train(cfg.train)
     _validate_scale(cfg.scale)

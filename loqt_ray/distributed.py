@@ -152,4 +152,4 @@ class DeepSpeedEngine:
             s["step"] = torch.tensor(float(state["optimizer_step"]))
 
     def state_bytes(self) -> dict:
-        return held_bytes(self.engine.module, self.params, optimizer_tensors([self._base]))
+        return held_bytes(self.engine.module, self.params, optimizer_tensors([self._base]), [self._base])

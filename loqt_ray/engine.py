@@ -60,11 +60,20 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def held_bytes(module: torch.nn.Module, params: list, optimizer_tensors: Iterable[torch.Tensor]) -> dict:
-    """Weights (parameters and buffers), gradients (one per trainable element, as held during a
-    step) and optimizer state (every tensor it keeps): the figures every engine reports."""
+def held_bytes(
+    module: torch.nn.Module,
+    params: list,
+    optimizer_tensors: Iterable[torch.Tensor],
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+) -> dict:
+    """Weights (parameters and buffers), master copies (tensors the optimizers step that are not
+    the module's parameters: DeepSpeed's fp32 partitions), gradients (one per trainable element,
+    as held during a step) and optimizer state (every tensor it keeps): what every engine reports."""
+    own = {id(p) for p in module.parameters()}
+    stepped = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
     return {
         "weight_bytes": tensor_bytes(list(module.parameters()) + list(module.buffers())),
+        "master_bytes": tensor_bytes(p for p in stepped if id(p) not in own),
         "grad_bytes": tensor_bytes(params),
         "optimizer_bytes": tensor_bytes(optimizer_tensors),
     }
@@ -131,4 +140,4 @@ class PlainEngine:
         self.optimizer.load_state_dict(state["optimizer"])
 
     def state_bytes(self) -> dict:
-        return held_bytes(self.model, self.params, optimizer_tensors(self._optimizers))
+        return held_bytes(self.model, self.params, optimizer_tensors(self._optimizers), self._optimizers)

@@ -66,6 +66,17 @@ def _resume_state(resume_from: str | None) -> dict | None:
     return None
 
 
+def engine_for(cfg: Config):
+    """The engine a worker runs: DeepSpeed, except under per-layer updates (single-worker, plain)."""
+    if cfg.optim.per_layer:
+        from .engine import PlainEngine
+
+        return PlainEngine
+    from .distributed import DeepSpeedEngine
+
+    return DeepSpeedEngine
+
+
 def worker_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -75,15 +86,11 @@ def worker_loop(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scale.use_gpu else "cpu")
     if not cfg.scale.use_gpu:
         torch.set_num_threads(max(1, round(cfg.scale.cpus_per_worker)))
-    from .distributed import DeepSpeedEngine
-    from .engine import PlainEngine
     from .trainer import Trainer
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    trainer = Trainer(
-        cfg, rank, ctx.get_world_size(), PlainEngine if cfg.optim.per_layer else DeepSpeedEngine
-    )
+    trainer = Trainer(cfg, rank, ctx.get_world_size(), engine_for(cfg))
     state = _resume_state(config["resume_from"])
     if state is not None:
         trainer.resume(state)

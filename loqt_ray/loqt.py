@@ -23,26 +23,32 @@ from .config import LoQTConfig
 from .quant import NF4Tensor
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul with `x` runs in: autocast's where it is on (so W is dequantized straight
+    into it, never into a dense fp32 temporary that autocast would cast down again), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class _FrozenLinear(torch.autograd.Function):
     """x · Wᵀ for the frozen weight. Nothing dense is saved for backward (W is
-    dequantized again there); on capture steps x is saved and dYᵀ·X is summed
-    into the layer's gradient buffer, since an NF4 tensor cannot hold .grad."""
+    dequantized again there); on capture steps x is saved and the layer is given
+    dYᵀ·X (LoQTLinear.capture_gradient), since an NF4 tensor cannot hold .grad."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: LoQTLinear, anchor: torch.Tensor | None) -> torch.Tensor:
         ctx.layer, ctx.capture = layer, anchor is not None  # (grad mode is off in here: decide outside)
         if ctx.capture:
             ctx.save_for_backward(x)
-        return F.linear(x, layer.dense_weight(x.dtype))
+        return F.linear(x, layer.dense_weight(compute_dtype(x)))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         layer = ctx.layer
         if ctx.capture:
             (x,) = ctx.saved_tensors
-            layer.grad_buffer.addmm_(
-                grad_out.reshape(-1, grad_out.shape[-1]).float().T, x.reshape(-1, x.shape[-1]).float()
-            )
+            layer.capture_gradient(grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]))
         grad_x = grad_out @ layer.dense_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
 
@@ -99,6 +105,7 @@ class LoQTLinear(nn.Module):
         else:
             self.register_buffer("weight_fp", w.clone())
         p_shape = (self.rank, self.in_features) if self.p_is_a else (self.out_features, self.rank)
+        self.projection_shape = p_shape
         p0 = torch.zeros(p_shape, device=w.device)  # set by the first refresh (step 0); B·P = 0 until then
         if quantize_projection:
             self.projection_q = NF4Tensor(p0, **self.nf4)
@@ -107,7 +114,9 @@ class LoQTLinear(nn.Module):
         b_shape = (self.out_features, self.rank) if self.p_is_a else (self.rank, self.in_features)
         self.B = nn.Parameter(torch.zeros(b_shape, device=w.device, dtype=linear.weight.dtype))
         self.capture = False
-        self.grad_buffer: torch.Tensor | None = None
+        self.grad_buffer: torch.Tensor | None = None  # exact capture: the step's dense gradient
+        self.reduce = None  # layerwise capture: averages a gradient over ranks, set by start_capture
+        self.pending_projection: torch.Tensor | None = None  # layerwise capture: the new P
 
     # -- the matrices
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -136,18 +145,52 @@ class LoQTLinear(nn.Module):
         return y + self.scale * low
 
     # -- refresh and merge
-    def start_capture(self) -> None:
-        self.grad_buffer = torch.zeros(self.out_features, self.in_features, device=self.B.device)
+    def start_capture(self, reduce=None) -> None:
+        """Capture this step's gradient of W for a refresh. Exact (reduce=None): every micro-batch's
+        dYᵀ·X is summed into a dense fp32 buffer that lives until the merge takes it. Layerwise
+        (`reduce`, a function averaging a tensor over data-parallel ranks): the step has one
+        micro-batch, so backward reduces this layer's gradient, keeps only its top-r singular
+        vectors and frees it; one layer's gradient exists at a time."""
+        self.reduce = reduce
+        if reduce is None:
+            self.grad_buffer = torch.zeros(self.out_features, self.in_features, device=self.B.device)
         self.capture = True
 
-    def take_gradient(self) -> torch.Tensor:
+    def capture_gradient(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+        """One micro-batch's dYᵀ·X (2-d: tokens x features), in float32."""
+        if self.reduce is None:
+            self.grad_buffer.addmm_(grad_out.float().T, x.float())
+            return
+        grad = self.reduce(grad_out.float().T @ x.float())
+        if torch.isfinite(grad).all():
+            self.pending_projection = self.projection_from(grad)
+        else:  # the trainer's finite check on P stops the run before the merge
+            self.pending_projection = torch.full(self.projection_shape, float("nan"), device=grad.device)
+
+    def take_gradient(self) -> torch.Tensor | None:
+        """The exact capture's gradient (None under layerwise capture); capturing ends."""
         grad, self.grad_buffer, self.capture = self.grad_buffer, None, False
         return grad
 
+    def take_projection(self) -> torch.Tensor | None:
+        """The layerwise capture's new P (None under exact capture); capturing ends."""
+        p, self.pending_projection, self.capture = self.pending_projection, None, False
+        return p
+
+    def projection_from(self, grad: torch.Tensor) -> torch.Tensor:
+        """P from the SVD of a gradient: its top-r singular vectors on P's side."""
+        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+        return vh[: self.rank] if self.p_is_a else u[:, : self.rank]
+
     def update(
-        self, b_current: torch.Tensor | None, grad: torch.Tensor | None, compensation_iters: int
+        self,
+        b_current: torch.Tensor | None,
+        grad: torch.Tensor | None,
+        compensation_iters: int,
+        projection: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Merge s·B·P into W; with `grad`, refresh P from its SVD; recompensate.
+        """Merge s·B·P into W; refresh P (from `grad`'s SVD, or a `projection` already taken from
+        one); recompensate.
 
         Sets W (requantized) and P here and returns the new B for the caller's
         engine to install. `b_current` is B's full-precision value (the optimizer's
@@ -156,9 +199,8 @@ class LoQTLinear(nn.Module):
         if self.quantize and self.initial_weight is not None:
             base, self.initial_weight = self.initial_weight.to(base.device), None
         w_fp = base + self.delta(b_current)
-        if grad is not None:
-            u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-            p = vh[: self.rank] if self.p_is_a else u[:, : self.rank]
+        p = self.projection_from(grad) if grad is not None else projection
+        if p is not None:
             if self.quantize_projection:
                 self.projection_q.quantize_(p)
             else:

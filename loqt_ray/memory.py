@@ -1,6 +1,13 @@
-"""Training-memory estimate per component for full-rank, LoRA, GaLore, LoQT and LoQT-nq.
+"""Training-memory estimates: what this trainer allocates, and the paper's accounting.
 
-The accounting follows the paper's Table 3, for each wrapped m x n matrix (m <= n):
+`trainer_estimate(cfg)` (what `loqt-ray memory` prints by default) counts what one worker
+of this trainer holds for a config: the engine launch.py picks (plain with per-layer updates,
+else DeepSpeed ZeRO with its master copies and sharding), values as the model stores them,
+the optimizer's states, activations, and the refresh method's extra on refresh steps.
+bench/bench_memory.py checks it against measured peaks.
+
+The paper's accounting (`estimate`, `loqt-ray memory --paper`) follows its Table 3, for each
+wrapped m x n matrix (m <= n):
 
     method    weights                       gradients   optimizer states
     full      mn                            mn          2mn
@@ -41,6 +48,7 @@ class Assumptions:
     activation_bytes: float = 2.0
     optimizer: str = "adamw"
     step_counter_bytes: float = 0.0  # torch AdamW keeps an fp32 step per tensor (4); the paper ignores it
+    qmap_bytes: float = 0.0  # bitsandbytes keeps two 256-entry fp32 code maps per 8-bit state (2048)
     block_size: int = 64
     double_quant: bool = True
     quantize_projection: bool = False
@@ -89,7 +97,7 @@ def adam_bytes(sizes: list[int], a: Assumptions) -> float:
     total = a.step_counter_bytes * len(sizes)
     for n in sizes:
         if a.optimizer == "adam8bit" and n >= BNB_8BIT_MIN_SIZE:
-            total += 2 * (n + 4 * math.ceil(n / BNB_8BIT_BLOCK))
+            total += 2 * (n + 4 * math.ceil(n / BNB_8BIT_BLOCK)) + a.qmap_bytes
         else:
             total += 2 * n * (a.state_bytes if a.optimizer == "adamw" else 4)
     return total
@@ -163,6 +171,178 @@ def estimate(
         activations=activation_bytes(shape, vocab, batch, seq, rank, method, a),
         refresh_capture=mn * 4 if method in ("loqt", "loqt-nq") else 0.0,
     )
+
+
+# ---------------------------------------------------------------- this trainer's accounting
+
+
+@dataclass(frozen=True)
+class TrainerEstimate:
+    """What this trainer allocates on one worker for a config (bytes), and how it was counted."""
+
+    engine: str  # the engine and storage, in words
+    weights: float  # NF4 W with its quant state, P, and every trainable value as the model holds it
+    master: float  # fp32 copies of trainable values an optimizer steps instead (DeepSpeed bf16/ZeRO)
+    gradients: float
+    optimizer_states: float
+    step_temporaries: float  # what an optimizer step allocates besides its states
+    activations: float  # saved for backward at the config's micro-batch
+    refresh: float  # held on refresh steps on top of the steady peak (the gradient capture)
+
+    @property
+    def steady(self) -> float:
+        parts = (self.weights, self.master, self.gradients, self.optimizer_states, self.step_temporaries)
+        return sum(parts) + self.activations
+
+    @property
+    def peak(self) -> float:
+        return self.steady + self.refresh
+
+
+def _layerwise(cfg: Config) -> bool:
+    return cfg.loqt.refresh == "layerwise" or (cfg.loqt.refresh == "auto" and cfg.train.grad_accum == 1)
+
+
+def saved_activation_bytes(
+    shape: ModelShape, vocab: int, tokens: int, rank: int, low_rank: bool, width: float
+) -> float:
+    """What transformers' LlamaForCausalLM (SDPA attention) saves for backward in this trainer,
+    from its saved tensors (tests/test_memory.py checks it with saved_tensors_hooks, within 5 %):
+    per layer, the two RMSNorm inputs upcast to fp32 (2h) and, in the compute dtype, about 6h
+    more (normalized values, q, k, v, the attention output; SDPA's CPU kernels save slightly
+    different sets by shape: 130m measured 5.3h, tiny 6.5h), gate, SiLU, up and their product
+    (4i), and the LoQT factors' r-wide intermediates (6r measured); then the final norm, and the
+    loss's fp32 log-softmax plus the fp32 and compute-dtype gradients of the logits, which exist
+    together at the start of backward."""
+    per_layer = 2 * shape.hidden * 4 + (6 * shape.hidden + 4 * shape.intermediate) * width
+    if low_rank:
+        per_layer += 6 * rank * width
+    final = shape.hidden * (4 + width)
+    logits = vocab * (4 + 4 + width)
+    return tokens * (shape.layers * per_layer + final + logits)
+
+
+def refresh_bytes(cfg: Config, mats: list[tuple[int, int]], ranks: list[int]) -> float:
+    """Extra bytes on a refresh step. Exact capture: every wrapped W's fp32 gradient, alive from the
+    first micro-batch to the merge. Layerwise: one layer's fp32 gradient and its SVD factors
+    (torch.linalg.svd, reduced: U m x k, Vh k x n, k = min(m, n)) at a time, inside backward."""
+    if cfg.loqt.method == "full":
+        return 0.0
+    if not _layerwise(cfg):
+        return 4.0 * sum(m * n for m, n in mats)
+    return 4.0 * max(2 * m * n + m * m + m for m, n in mats)  # G and Vh (m x n), U (m x m), S
+
+
+def step_temporaries(cfg: Config, largest: int, state_width: float) -> float:
+    """What one optimizer step allocates besides its states, for the largest tensor it steps.
+    torch's AdamW (tensor by tensor on the CPU and under per-layer updates): the denominator and
+    the update. bitsandbytes' 8-bit Adam: nothing on CUDA (a fused in-place kernel); on the CPU
+    its torch fallback dequantizes both states and copies the gradient and the parameter to
+    fp32, then takes a square root and a quotient: six fp32 tensors of that size."""
+    if cfg.optim.name == "adam8bit":
+        return 0.0 if cfg.scale.use_gpu else 6 * 4.0 * largest
+    return 2 * state_width * largest
+
+
+def _frozen_bytes(cfg: Config, mats: list[tuple[int, int]], ranks: list[int], width: float) -> float:
+    """The wrapped matrices' W (NF4 with its quant state, or dense for loqt-nq) and P."""
+    method, block, dq = cfg.loqt.method, cfg.loqt.quant_block_size, cfg.loqt.double_quant
+    if method == "full":
+        return 0.0
+    p_sizes = [m * r for (m, _), r in zip(mats, ranks, strict=True)]
+    if cfg.loqt.quantize_projection and method == "loqt":
+        frozen = sum(nf4_bytes(size, block, dq) for size in p_sizes)
+    else:
+        frozen = width * sum(p_sizes)
+    if method == "loqt":
+        return frozen + sum(nf4_bytes(m * n, block, dq) for m, n in mats)
+    return frozen + width * sum(m * n for m, n in mats)
+
+
+def _optimizer_assumptions(cfg: Config, state_width: float) -> Assumptions:
+    if cfg.optim.name == "adam8bit":  # bitsandbytes counts steps in a Python int, maps its codes per tensor
+        return Assumptions(optimizer="adam8bit", qmap_bytes=2 * 256 * 4)
+    # torch AdamW: moments like the values they step, an fp32 step tensor per parameter
+    return Assumptions(state_bytes=state_width, optimizer="adamw", step_counter_bytes=4.0)
+
+
+def _engine_words(cfg: Config, width: float, master: float) -> str:
+    scale = cfg.scale
+    engine = (
+        "plain engine, per-layer updates"
+        if cfg.optim.per_layer
+        else (f"DeepSpeed ZeRO-{scale.zero_stage} over {scale.num_workers} worker(s)")
+    )
+    engine += f", {cfg.optim.name}, {'bf16' if width == 2 else 'fp32'} trainable values"
+    engine += ", fp32 master copy" if master else ""
+    return engine + f", {'layerwise' if _layerwise(cfg) else 'exact'} refresh"
+
+
+def trainer_estimate(cfg: Config, batch: int | None = None) -> TrainerEstimate:
+    """Bytes one worker of this trainer holds for `cfg` (micro-batch `batch`, default the config's).
+
+    Engines as launch.py picks them: per-layer updates run the plain engine, everything else
+    DeepSpeed (ZeRO stage `scale.zero_stage` over `scale.num_workers`; bf16 on a GPU with
+    train.dtype bfloat16, which keeps an fp32 master copy; ZeRO >= 1 keeps its fp32 partitions
+    too). Trainable values are fp32 unless train.master_weights is false (then bf16, no copy)."""
+    shape = MODEL_SIZES[cfg.model.size]
+    mats = [(min(o, i), max(o, i)) for o, i in shape.linear_shapes()]  # (m, n), m <= n
+    ranks = [min(cfg.loqt.rank, m) for m, _ in mats]
+    others = shape.other_tensors(cfg.data.vocab_size)
+    if cfg.loqt.method == "full":
+        trainable = [m * n for m, n in mats] + others
+    else:
+        trainable = [n * r for (_, n), r in zip(mats, ranks, strict=True)] + others
+    plain = cfg.optim.per_layer
+    bf16_deepspeed = not plain and cfg.scale.use_gpu and cfg.train.dtype == "bfloat16"
+    width = 2.0 if (not cfg.train.master_weights or bf16_deepspeed) else 4.0  # values as the model holds them
+    count = sum(trainable)
+    sharded = not plain and cfg.scale.zero_stage >= 1
+    shards = cfg.scale.num_workers if sharded else 1
+    master = 4.0 * count / shards if (bf16_deepspeed or sharded) else 0.0
+    state_width = 4.0 if (master or width == 4.0) else width
+    tokens = (batch or cfg.train.micro_batch_size) * cfg.data.seq_len
+    compute = 2.0 if cfg.train.dtype == "bfloat16" else 4.0
+    return TrainerEstimate(
+        engine=_engine_words(cfg, width, master),
+        weights=_frozen_bytes(cfg, mats, ranks, width) + width * count,
+        master=master,
+        # Per-layer updates free each gradient inside backward; otherwise every parameter's .grad
+        # exists during backward (ZeRO-2 then reduces it into its shard).
+        gradients=width * (max(trainable) if plain else count),
+        optimizer_states=adam_bytes(trainable, _optimizer_assumptions(cfg, state_width)) / shards,
+        step_temporaries=step_temporaries(cfg, max(trainable), state_width),
+        activations=saved_activation_bytes(
+            shape, cfg.data.vocab_size, tokens, cfg.loqt.rank, cfg.loqt.method != "full", compute
+        ),
+        refresh=refresh_bytes(cfg, mats, ranks),
+    )
+
+
+def largest_trainer_batch(cfg: Config, budget_gib: float) -> tuple[int, float]:
+    """The largest micro-batch whose refresh-step peak fits `budget_gib` (0 if none), and that peak."""
+    batch = 0
+    while batch < 4096 and trainer_estimate(cfg, batch + 1).peak <= budget_gib * GIB:
+        batch += 1
+    return batch, trainer_estimate(cfg, max(batch, 1)).peak
+
+
+def trainer_table(e: TrainerEstimate, batch: int, seq: int) -> str:
+    rows = [
+        ("weights (NF4 W + quant state, P, trainable values)", e.weights),
+        ("fp32 master copy", e.master),
+        ("gradients", e.gradients),
+        ("optimizer states", e.optimizer_states),
+        ("optimizer step temporaries", e.step_temporaries),
+        (f"activations (batch {batch} x seq {seq})", e.activations),
+        ("steady-step peak", e.steady),
+        ("+ refresh steps", e.refresh),
+        ("refresh-step peak", e.peak),
+    ]
+    return "\n".join(["| GiB | this trainer |", "|---|---|"] + [f"| {k} | {v / GIB:.2f} |" for k, v in rows])
+
+
+# ---------------------------------------------------------------- the paper's accounting
 
 
 def largest_batch(

@@ -65,6 +65,18 @@ def stop_if_not_finite(what: str, value: float, step: int) -> None:
         )
 
 
+def mean_over_ranks(world_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Averages a tensor over the data-parallel ranks in place: every rank must compute the same P."""
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        if world_size > 1:
+            torch.distributed.all_reduce(tensor)
+            tensor /= world_size
+        return tensor
+
+    return reduce
+
+
 def merge_and_refresh(
     layers, engine: Engine, refresh: bool, compensation_iters: int, world_size: int, step: int
 ):
@@ -72,15 +84,21 @@ def merge_and_refresh(
     only one gradient buffer is being worked on; B goes back through the engine. B and the
     gradient are identical on every rank here, so every rank takes the same decision."""
     for layer in layers:
-        grad = layer.take_gradient() if refresh else None
-        if grad is not None and world_size > 1:  # every rank must compute the same P
-            torch.distributed.all_reduce(grad)
-            grad /= world_size
+        projection = None
+        if refresh:
+            grad = layer.take_gradient()
+            if grad is None:  # layerwise capture: backward already reduced it and took P
+                projection = layer.take_projection()
+            else:
+                grad = mean_over_ranks(world_size)(grad)
+                stop_if_not_finite("the refresh gradient", float(grad.abs().max()), step)
+                projection = layer.projection_from(grad)
+                del grad
+            if projection is not None:  # None: backward never reached this layer; it keeps its P
+                stop_if_not_finite("the refresh gradient", float(projection.abs().max()), step)
         b = engine.full_precision(layer.B)
         stop_if_not_finite("B", float(b.abs().max()), step)
-        if grad is not None:
-            stop_if_not_finite("the refresh gradient", float(grad.abs().max()), step)
-        engine.set_param(layer.B, layer.update(b, grad, compensation_iters))
+        engine.set_param(layer.B, layer.update(b, None, compensation_iters, projection=projection))
 
 
 def all_reduce_sum(values: list[float], device: torch.device, world_size: int) -> list[float]:
@@ -107,13 +125,20 @@ class Trainer:
             path=cfg.model.path,
         )
         self.model = apply_loqt(model, cfg.loqt).to(self.device)
+        if not cfg.train.master_weights:  # 16-bit mode: NF4 buffers keep their own dtypes (quant.py)
+            self.model.to(torch.bfloat16)
         self.model.train()
         self.layers = [layer for _, layer in loqt_layers(self.model)]
         self.schedule = UpdateSchedule(cfg.loqt, cfg.train.steps)
         self.engine: Engine = make_engine(self.model, cfg)
-        # bf16 compute with fp32 parameters: the optimizer keeps full-precision values
-        bf16 = cfg.train.dtype == "bfloat16"
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        # bf16 compute with fp32 parameters (the optimizer keeps full-precision values); in the
+        # 16-bit mode the parameters are bf16 already and autocast has nothing to do
+        autocast = cfg.train.dtype == "bfloat16" and cfg.train.master_weights
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast)
+        layerwise = cfg.loqt.refresh == "layerwise" or (
+            cfg.loqt.refresh == "auto" and cfg.train.grad_accum == 1
+        )
+        self.capture_reduce = mean_over_ranks(world_size) if layerwise else None
         self.stream = SequenceStream(
             self.data.train, cfg.train.micro_batch_size, cfg.train.seed, rank, world_size
         )
@@ -142,7 +167,7 @@ class Trainer:
         refresh = bool(self.layers) and self.schedule.is_refresh(step)
         if refresh:
             for layer in self.layers:
-                layer.start_capture()
+                layer.start_capture(self.capture_reduce)
         for _ in range(train.grad_accum):
             ids, labels = self.stream.next_batch()
             with self.autocast:

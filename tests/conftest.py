@@ -21,6 +21,17 @@ def sotu(data_dir):
     return prepare(DataConfig(data_dir=data_dir, vocab_size=2048, seq_len=128))
 
 
+def nano_config(data_dir, *extra):
+    """A nano LoQT config on the session's data cache (static merges, a short warmup); `extra`
+    are --set overrides, later ones winning."""
+    from loqt_ray.config import load_config
+
+    base = [f"data.data_dir={data_dir}", "data.vocab_size=2048", "data.seq_len=64", "model.size=nano",
+            "loqt.rank=8", "loqt.schedule=static", "optim.lr=3e-3", "optim.warmup_steps=2",
+            "train.eval_tokens=1024"]  # fmt: skip
+    return load_config(None, [*base, *extra])
+
+
 NANO_RUN = [
     "model.size=nano",
     "data.vocab_size=2048",

@@ -4,22 +4,17 @@ import json
 
 import pytest
 import torch
+from conftest import nano_config
 
 from loqt_ray import checkpoint
-from loqt_ray.config import ConfigError, load_config
+from loqt_ray.config import ConfigError
 from loqt_ray.trainer import Trainer
 
 
 def nano(data_dir, *extra):
-    return load_config(
-        None,
-        [
-            f"data.data_dir={data_dir}", "data.vocab_size=2048", "data.seq_len=64", "model.size=nano",
-            "loqt.rank=8", "loqt.schedule=static", "loqt.update_interval=3", "loqt.refresh_interval=6",
-            "optim.lr=3e-3", "optim.warmup_steps=2", "train.steps=12", "train.micro_batch_size=4",
-            "train.grad_accum=2", "train.log_every=1", "train.eval_every=12", "train.eval_tokens=1024",
-            *extra,
-        ],
+    return nano_config(
+        data_dir, "loqt.update_interval=3", "loqt.refresh_interval=6", "train.steps=12",
+        "train.micro_batch_size=4", "train.grad_accum=2", "train.log_every=1", "train.eval_every=12", *extra,
     )  # fmt: skip
 
 

@@ -52,6 +52,14 @@ def test_defaults_and_overrides(tmp_path):
         ("", ["data.tokenizer=/nonexistent"], "data.tokenizer", "not a directory"),
         ("", ["train.stop_at_step=0"], "train.stop_at_step", "must be in [1, train.steps"),
         ("", ["optim.name=adam8bit"], "optim.name", "scale.zero_stage=0"),
+        ("", ["loqt.refresh=layerwise", "train.grad_accum=2"], "loqt.refresh", "one micro-batch per step"),
+        ("", ["train.master_weights=false"], "train.master_weights", "train.dtype=bfloat16"),
+        (
+            "",
+            ["train.master_weights=false", "train.dtype=bfloat16"],
+            "train.master_weights",
+            "optim.per_layer=true",
+        ),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, text, overrides, field, allowed):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import nano_config
 
 from loqt_ray.checkpoint import latest, read
-from loqt_ray.config import ConfigError, load_config
+from loqt_ray.config import ConfigError
 from loqt_ray.launch import run_training
 from loqt_ray.results import read_metrics
 
@@ -32,33 +33,12 @@ def ray_cluster():
 
 
 def two_worker_config(data_dir, out, name, steps, *extra):
-    return load_config(
-        None,
-        [
-            f"data.data_dir={data_dir}",
-            "data.vocab_size=2048",
-            "data.seq_len=64",
-            "model.size=nano",
-            "loqt.rank=8",
-            "loqt.schedule=static",
-            "loqt.update_interval=4",
-            "loqt.refresh_interval=8",
-            "optim.lr=3e-3",
-            "optim.warmup_steps=2",
-            f"train.steps={steps}",
-            "train.micro_batch_size=4",
-            "train.grad_accum=2",
-            "train.log_every=1",
-            f"train.eval_every={steps}",
-            "train.eval_tokens=2048",
-            f"train.output_dir={out}",
-            f"train.name={name}",
-            "scale.num_workers=2",
-            "scale.cpus_per_worker=0.5",
-            "scale.zero_stage=2",
-            *extra,
-        ],
-    )
+    return nano_config(
+        data_dir, "loqt.update_interval=4", "loqt.refresh_interval=8", f"train.steps={steps}",
+        "train.micro_batch_size=4", "train.grad_accum=2", "train.log_every=1", f"train.eval_every={steps}",
+        "train.eval_tokens=2048", f"train.output_dir={out}", f"train.name={name}", "scale.num_workers=2",
+        "scale.cpus_per_worker=0.5", "scale.zero_stage=2", *extra,
+    )  # fmt: skip
 
 
 def losses_by_step(run_dir):
@@ -140,6 +120,40 @@ def test_two_workers_learn_and_keep_identical_quantized_weights(straight):
     p = [json.dumps(r["p"]) for r in ranks[0]]
     assert len(set(p[:3])) == 3 and p[3] == p[2]  # P refreshed at 8 and 16, not again before 24
     assert losses[STEPS] < losses[1] - 0.3
+
+
+def test_layerwise_refreshes_agree_across_ranks(ray_cluster, data_dir, tmp_path):
+    """One micro-batch per step: each rank all-reduces every layer's gradient inside backward
+    (alongside ZeRO-2's own reductions) and takes the same P from it."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = two_worker_config(
+        data_dir,
+        tmp_path,
+        "layerwise",
+        8,
+        "train.grad_accum=1",
+        "train.micro_batch_size=8",
+        "loqt.refresh=layerwise",
+        "loqt.refresh_interval=4",
+        "train.checkpoint_every=4",
+    )
+    TorchTrainer(
+        digest_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name="layerwise", storage_path=str(tmp_path / "ray")),
+    ).fit()
+    ranks = [
+        [json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
+    ]
+    assert [row["step"] for row in ranks[0]] == [4, 8]
+    for row0, row1 in zip(*ranks, strict=True):
+        assert row0["w"] == row1["w"] and row0["p"] == row1["p"]
+    assert ranks[0][0]["p"] != ranks[0][1]["p"]  # refreshed at 0 and 4 (P was taken in backward)
 
 
 def killing_loop(config):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from loqt_ray import LoQTConfig, LoQTLinear, apply_loqt, update_steps
-from loqt_ray.config import NF4_BLOCK_SIZES
+from loqt_ray.config import NF4_BLOCK_SIZES, load_config
 from loqt_ray.loqt import expected_trainable_parameters, loqt_layers
 from loqt_ray.models import build_model
 from loqt_ray.quant import NF4Tensor
@@ -115,6 +115,43 @@ def test_captured_gradient_equals_autograd_over_micro_batches():
     assert layer.grad_buffer is None and not layer.capture  # freed after the refresh takes it
 
 
+@pytest.mark.parametrize("shape", [(64, 96), (96, 64)])
+def test_layerwise_capture_gives_the_exact_projection_without_a_dense_buffer(shape):
+    """One micro-batch: the P taken inside backward (after the rank reduction) is the P the exact
+    capture's SVD gives, and no gradient buffer is kept."""
+    _, exact = make_layer(*shape)
+    _, layerwise = make_layer(*shape)
+    x = torch.randn(4, 7, shape[1], generator=torch.Generator().manual_seed(0))
+    reduced = []
+    exact.start_capture()
+    layerwise.start_capture(reduce=lambda g: reduced.append(g.shape) or g)
+    exact(x).square().sum().backward()
+    layerwise(x).square().sum().backward()
+    assert layerwise.grad_buffer is None and reduced == [shape]  # reduced once, as a whole gradient
+    expected = exact.projection_from(exact.take_gradient())
+    got = layerwise.take_projection()
+    assert got.shape == exact.projection_shape and not layerwise.capture
+    assert torch.allclose(got.abs(), expected.abs(), atol=1e-5)  # singular vectors up to sign
+    assert (
+        largest_principal_angle(got if exact.p_is_a else got.T, expected if exact.p_is_a else expected.T)
+        < 1e-4
+    )
+
+
+def test_a_non_finite_layerwise_gradient_stops_before_the_merge():
+    from loqt_ray.engine import PlainEngine
+    from loqt_ray.trainer import merge_and_refresh
+
+    _, layer = make_layer(64, 96)
+    layer.start_capture(reduce=lambda g: g * float("nan"))
+    layer(torch.randn(3, 96)).sum().backward()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    engine = PlainEngine(layer, load_config(None, ["loqt.rank=8"]))
+    with pytest.raises(FloatingPointError, match="refresh gradient is not finite"):
+        merge_and_refresh([layer], engine, True, 5, 1, step=7)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())  # nothing merged
+
+
 def test_evaluation_never_captures_or_merges():
     _, layer = make_layer(64, 96)
     randomize_adapter(layer)
@@ -209,3 +246,20 @@ def test_nf4_on_cuda_matches_cpu():
     q = NF4Tensor(w).to("cuda")
     assert q.packed.is_cuda
     assert torch.allclose(q.dequantize().cpu(), NF4Tensor(w).dequantize(), atol=1e-6)
+
+
+def test_under_autocast_w_is_dequantized_straight_into_the_compute_dtype():
+    """No dense fp32 copy of W on any path: the residual stream is fp32 under autocast, and a
+    dequantization to x.dtype would make one per layer per forward and backward."""
+    _, layer = make_layer(64, 96)
+    randomize_adapter(layer)
+    dequantized = []
+    original = layer.dense_weight
+    layer.dense_weight = lambda dtype=torch.float32: dequantized.append(dtype) or original(dtype)
+    layer.start_capture()
+    x = torch.randn(4, 96, requires_grad=True)  # fp32, as the residual stream is
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().sum().backward()
+    assert dequantized == [torch.bfloat16, torch.bfloat16]  # forward, backward
+    assert x.grad.dtype == torch.float32 and layer.take_gradient().any()

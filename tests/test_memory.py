@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -75,59 +77,154 @@ def test_reproduces_the_paper_memory_column_within_10_percent(size):
         assert (e.weights + e.optimizer_states) / GIB == pytest.approx(paper, rel=0.10), method
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["optim.name=adamw"],
+        ["optim.name=adam8bit"],
+        ["optim.name=adam8bit", "train.dtype=bfloat16", "train.master_weights=false"],
+        ["loqt.method=full", "optim.name=adamw"],
+        ["loqt.method=loqt-nq", "optim.name=adamw"],
+        ["loqt.quantize_projection=true", "optim.name=adam8bit"],
+    ],
+    ids=["adamw", "adam8bit", "16-bit", "full", "loqt-nq", "nf4-P"],
+)
+def test_trainer_accounting_equals_what_the_plain_engine_holds(data_dir, extra):
+    """`loqt-ray memory` (this trainer's accounting) against the real trainer after a step: the
+    weights and optimizer states to the byte, the per-layer gradient bound by the largest tensor."""
+    from loqt_ray.config import load_config
+    from loqt_ray.engine import optimizer_tensors, tensor_bytes
+    from loqt_ray.memory import trainer_estimate
+    from loqt_ray.trainer import Trainer
+
+    cfg = load_config(
+        None,
+        [
+            f"data.data_dir={data_dir}",
+            "data.vocab_size=2048",
+            "data.seq_len=64",
+            "model.size=tiny",
+            "loqt.rank=24",
+            "optim.per_layer=true",
+            "train.steps=2",
+            "train.micro_batch_size=2",
+            "train.eval_tokens=256",
+            *extra,
+        ],
+    )
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    estimate = trainer_estimate(cfg)
+    assert estimate.weights == tensor_bytes(trainer.model.state_dict().values())
+    assert estimate.optimizer_states == tensor_bytes(optimizer_tensors(trainer.engine._optimizers))
+    assert estimate.gradients == max(tensor_bytes([p]) for p in trainer.engine.params)
+    assert estimate.master == 0 and all(p.grad is None for p in trainer.engine.params)  # freed in backward
+
+
+def test_the_refresh_method_sets_the_refresh_step_extra():
+    from loqt_ray.config import MODEL_SIZES, load_config
+    from loqt_ray.memory import trainer_estimate
+
+    base = ["model.size=7b", "loqt.rank=1024", "optim.name=adam8bit", "optim.per_layer=true"]
+    exact = trainer_estimate(load_config(None, [*base, "loqt.refresh=exact"]))
+    layerwise = trainer_estimate(load_config(None, [*base, "loqt.refresh=layerwise"]))
+    dense = 4 * sum(o * i for o, i in MODEL_SIZES["7b"].linear_shapes())
+    assert exact.refresh == dense and exact.refresh / GIB == pytest.approx(24.1, abs=0.05)
+    assert layerwise.refresh < dense / 50 and layerwise.steady == exact.steady
+
+
 def test_memory_command_prints_the_table_and_the_largest_batch(capsys):
-    assert (
-        main(
-            [
-                "memory",
-                "--model",
-                "7b",
-                "--method",
-                "loqt",
-                "--rank",
-                "1024",
-                "--optimizer",
-                "adam8bit",
-                "--per-layer",
-                "--vocab",
-                "32000",
-                "--gpu-gb",
-                "24",
-            ]
-        )
-        == 0
-    )
+    argv = [
+        "memory",
+        "--model",
+        "7b",
+        "--rank",
+        "1024",
+        "--optimizer",
+        "adam8bit",
+        "--per-layer",
+        "--vocab",
+        "32000",
+        "--batch",
+        "1",
+        "--gpu-gb",
+        "23",
+    ]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.startswith("7b, rank 1024, vocab 32000, adam8bit") and "per-layer updates" in out
+    assert out.startswith("7b, loqt rank 1024, vocab 32000, micro-batch 1 x seq 256, on a GPU")
+    assert "per-layer updates, adam8bit" in out and "| refresh-step peak |" in out
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"largest micro-batch within 23 GiB: \d+ \(peak \d+\.\d GiB, refresh steps included\)", last
+    )
+    assert int(last.split(": ")[1].split()[0]) >= 1 and float(last.split("peak ")[1].split()[0]) <= 23
     # The shorthands are --set of config fields: the same call through --set prints the same.
-    assert (
-        main(
-            [
-                "memory",
-                "--method",
-                "loqt",
-                "--set",
-                "model.size=7b",
-                "--set",
-                "loqt.rank=1024",
-                "--set",
-                "optim.name=adam8bit",
-                "--set",
-                "optim.per_layer=true",
-                "--set",
-                "data.vocab_size=32000",
-                "--gpu-gb",
-                "24",
-            ]
-        )
-        == 0
-    )
+    sets = [
+        "model.size=7b",
+        "loqt.rank=1024",
+        "optim.name=adam8bit",
+        "optim.per_layer=true",
+        "data.vocab_size=32000",
+        "train.micro_batch_size=1",
+    ]
+    assert main(["memory", *(a for s in sets for a in ("--set", s)), "--gpu-gb", "23"]) == 0
     assert capsys.readouterr().out == out
-    assert (
-        "| weights |" in out and "| optimizer states |" in out and "largest micro-batch within 24 GiB" in out
-    )
+
+    # The paper's accounting stays behind --paper.
+    assert main([*argv, "--paper", "--method", "loqt"]) == 0
+    out = capsys.readouterr().out
+    assert "the paper's accounting" in out and "| weights |" in out and "| optimizer states |" in out
     e1 = estimate("7b", "loqt", 1024, batch=1, a=Assumptions(optimizer="adam8bit"))
     e2 = estimate("7b", "loqt", 1024, batch=2, a=Assumptions(optimizer="adam8bit"))
     assert e2.activations == pytest.approx(2 * e1.activations) and e2.weights == e1.weights
     per_layer = estimate("7b", "loqt", 1024, a=Assumptions(optimizer="adam8bit", per_layer=True))
     assert per_layer.gradients < e1.gradients / 5
+
+
+def test_the_shipped_7b_config_fits_23_gib_by_this_trainers_accounting(capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parent.parent / "jobs" / "train_7b_24gb.yaml"
+    assert main(["memory", "--config", str(config), "--gpu-gb", "23"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fits, peak = int(last.split(": ")[1].split()[0]), float(last.split("peak ")[1].split()[0])
+    assert fits >= 2 and peak <= 23  # its own micro-batch (2) fits, refresh steps included
+
+
+@pytest.mark.parametrize(
+    "extra,width",
+    [
+        (["optim.name=adamw"], 4),
+        (["optim.name=adam8bit", "train.dtype=bfloat16", "train.master_weights=false"], 2),
+    ],
+    ids=["fp32", "16-bit"],
+)
+def test_activation_accounting_equals_what_autograd_saves(data_dir, extra, width):
+    from loqt_ray.config import MODEL_SIZES, load_config
+    from loqt_ray.memory import saved_activation_bytes
+    from loqt_ray.trainer import Trainer
+
+    cfg = load_config(
+        None,
+        [f"data.data_dir={data_dir}", "data.vocab_size=2048", "data.seq_len=64", "model.size=tiny",
+         "loqt.rank=24", "optim.per_layer=true", "train.steps=2", "train.micro_batch_size=4",
+         "train.eval_tokens=256", *extra],
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    ids, labels = trainer.stream.next_batch()
+    own = {t.untyped_storage().data_ptr() for t in [*trainer.model.parameters(), *trainer.model.buffers()]}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), trainer.autocast:
+        trainer.model(input_ids=ids, labels=labels)
+    tokens = ids.numel()
+    formula = saved_activation_bytes(MODEL_SIZES["tiny"], 2048, tokens, 24, True, width)
+    backward_transients = tokens * 2048 * (4 + width)  # the logits' gradients, not saved tensors
+    assert sum(saved.values()) == pytest.approx(formula - backward_transients, rel=0.05)

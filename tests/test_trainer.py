@@ -1,5 +1,9 @@
 import math
 
+import pytest
+import torch
+from conftest import nano_config
+
 from loqt_ray.config import load_config
 
 
@@ -92,3 +96,61 @@ def test_bf16_autocast_loqt_run(data_dir):
     final = train(cfg)
     assert final["updates"] == 4 and final["val_ppl"] < 2048  # merges at 0, 5, 11, 17
     assert final["optimizer_bytes"] > 0
+
+
+def test_layerwise_and_exact_refreshes_train_the_same_model(data_dir):
+    """One micro-batch per step: P taken inside backward equals P from the kept dense gradient."""
+    from loqt_ray.trainer import Trainer
+
+    def run(refresh):
+        cfg = nano_config(
+            data_dir, "loqt.update_interval=3", f"loqt.refresh={refresh}", "train.steps=9",
+            "train.micro_batch_size=4", "train.log_every=1", "train.eval_every=9",
+        )  # fmt: skip
+        trainer, rows = Trainer(cfg), []
+        trainer.train(rows.append)
+        return trainer, [row["train_loss"] for row in rows]
+
+    exact, exact_losses = run("exact")
+    layerwise, layerwise_losses = run("layerwise")
+    assert exact.counters["updates"] == layerwise.counters["updates"] == 3  # refreshes at 0, 3, 6
+    assert layerwise_losses == pytest.approx(exact_losses, rel=1e-5, abs=1e-6)
+    for (name, a), b in zip(exact.model.named_buffers(), layerwise.model.buffers(), strict=True):
+        if name.endswith("projection"):
+            assert torch.allclose(a.abs(), b.abs(), atol=1e-4), name
+
+
+def test_16_bit_mode_stores_trainable_values_in_bf16_and_learns(data_dir):
+    """The reference's single-GPU 16-bit mode: bf16 parameters, 8-bit Adam stepped per layer."""
+    from loqt_ray.trainer import Trainer
+
+    cfg = load_config(
+        None,
+        [
+            f"data.data_dir={data_dir}",
+            "data.vocab_size=2048",
+            "data.seq_len=128",
+            "model.size=nano",
+            "loqt.rank=8",
+            "loqt.update_interval=5",
+            "train.dtype=bfloat16",
+            "train.master_weights=false",
+            "optim.name=adam8bit",
+            "optim.per_layer=true",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=2",
+            "train.steps=20",
+            "train.micro_batch_size=8",
+            "train.eval_every=10",
+            "train.eval_tokens=2048",
+            "train.log_every=10",
+        ],
+    )
+    trainer, rows = Trainer(cfg), []
+    final = trainer.train(rows.append)
+    assert {p.dtype for p in trainer.engine.params} == {torch.bfloat16}
+    assert (
+        trainer.layers[0].weight_q.packed.dtype == torch.uint8
+        and trainer.layers[0].projection.dtype == torch.bfloat16
+    )
+    assert final["updates"] == 4 and rows[1]["val_ppl"] < rows[0]["val_ppl"] < 2048
