@@ -183,6 +183,12 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def layerwise_refresh(self) -> bool:
+        """Whether refreshes take P inside backward (loqt.refresh, with `auto` resolved)."""
+        return self.loqt.refresh == "layerwise" or (
+            self.loqt.refresh == "auto" and self.train.grad_accum == 1
+        )
+
 
 @dataclass
 class AshaConfig:

@@ -199,10 +199,6 @@ class TrainerEstimate:
         return self.steady + self.refresh
 
 
-def _layerwise(cfg: Config) -> bool:
-    return cfg.loqt.refresh == "layerwise" or (cfg.loqt.refresh == "auto" and cfg.train.grad_accum == 1)
-
-
 def saved_activation_bytes(
     shape: ModelShape, vocab: int, tokens: int, rank: int, low_rank: bool, width: float
 ) -> float:
@@ -228,7 +224,7 @@ def refresh_bytes(cfg: Config, mats: list[tuple[int, int]], ranks: list[int]) ->
     (torch.linalg.svd, reduced: U m x k, Vh k x n, k = min(m, n)) at a time, inside backward."""
     if cfg.loqt.method == "full":
         return 0.0
-    if not _layerwise(cfg):
+    if not cfg.layerwise_refresh():
         return 4.0 * sum(m * n for m, n in mats)
     return 4.0 * max(2 * m * n + m * m + m for m, n in mats)  # G and Vh (m x n), U (m x m), S
 
@@ -275,7 +271,7 @@ def _engine_words(cfg: Config, width: float, master: float) -> str:
     )
     engine += f", {cfg.optim.name}, {'bf16' if width == 2 else 'fp32'} trainable values"
     engine += ", fp32 master copy" if master else ""
-    return engine + f", {'layerwise' if _layerwise(cfg) else 'exact'} refresh"
+    return engine + f", {'layerwise' if cfg.layerwise_refresh() else 'exact'} refresh"
 
 
 def trainer_estimate(cfg: Config, batch: int | None = None) -> TrainerEstimate:

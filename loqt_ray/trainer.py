@@ -135,10 +135,7 @@ class Trainer:
         # 16-bit mode the parameters are bf16 already and autocast has nothing to do
         autocast = cfg.train.dtype == "bfloat16" and cfg.train.master_weights
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast)
-        layerwise = cfg.loqt.refresh == "layerwise" or (
-            cfg.loqt.refresh == "auto" and cfg.train.grad_accum == 1
-        )
-        self.capture_reduce = mean_over_ranks(world_size) if layerwise else None
+        self.capture_reduce = mean_over_ranks(world_size) if cfg.layerwise_refresh() else None
         self.stream = SequenceStream(
             self.data.train, cfg.train.micro_batch_size, cfg.train.seed, rank, world_size
         )
