@@ -83,6 +83,22 @@ def digest_loop(config):
     train(cfg, report, rank, 2, make_engine=DeepSpeedEngine, save=save)
 
 
+def fit_digest_run(cfg, out: Path) -> list[list[dict]]:
+    """Fit digest_loop on 2 gloo workers; return each rank's checkpoint rows."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    TorchTrainer(
+        digest_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name=cfg.train.name, storage_path=str(out / "ray")),
+    ).fit()
+    return [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+
+
 STEPS = 24
 
 
@@ -90,20 +106,10 @@ STEPS = 24
 def straight(ray_cluster, data_dir, tmp_path_factory):
     """The reference: 24 steps on 2 workers, checkpoint states every 6 (merges at 0, 4, 8, ...,
     refreshes at 0, 8, 16). Returns (per-rank digest rows, rank 0's loss per step)."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     out = tmp_path_factory.mktemp("straight")
-    cfg = two_worker_config(data_dir, out, "straight", STEPS, "train.checkpoint_every=6")
-    TorchTrainer(
-        digest_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "out": str(out)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name="straight", storage_path=str(out / "ray")),
-    ).fit()
-    ranks = [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    ranks = fit_digest_run(
+        two_worker_config(data_dir, out, "straight", STEPS, "train.checkpoint_every=6"), out
+    )
     losses = {
         row["step"]: row["loss"] for row in map(json.loads, (out / "loss0.jsonl").read_text().splitlines())
     }
@@ -125,10 +131,6 @@ def test_two_workers_learn_and_keep_identical_quantized_weights(straight):
 def test_layerwise_refreshes_agree_across_ranks(ray_cluster, data_dir, tmp_path):
     """One micro-batch per step: each rank all-reduces every layer's gradient inside backward
     (alongside ZeRO-2's own reductions) and takes the same P from it."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = two_worker_config(
         data_dir,
         tmp_path,
@@ -140,16 +142,7 @@ def test_layerwise_refreshes_agree_across_ranks(ray_cluster, data_dir, tmp_path)
         "loqt.refresh_interval=4",
         "train.checkpoint_every=4",
     )
-    TorchTrainer(
-        digest_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name="layerwise", storage_path=str(tmp_path / "ray")),
-    ).fit()
-    ranks = [
-        [json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
-    ]
+    ranks = fit_digest_run(cfg, tmp_path)
     assert [row["step"] for row in ranks[0]] == [4, 8]
     for row0, row1 in zip(*ranks, strict=True):
         assert row0["w"] == row1["w"] and row0["p"] == row1["p"]

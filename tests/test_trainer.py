@@ -73,25 +73,21 @@ def test_bf16_autocast_loqt_run(data_dir):
     """The GPU recipe (bf16 compute, fp32 master values, 8-bit Adam) runs on CPU too."""
     from loqt_ray.trainer import train
 
-    cfg = load_config(
-        None,
-        [
-            f"data.data_dir={data_dir}",
-            "data.vocab_size=2048",
-            "data.seq_len=128",
-            "model.size=nano",
-            "loqt.rank=8",
-            "loqt.update_interval=5",
-            "train.dtype=bfloat16",
-            "optim.name=adam8bit",
-            "scale.zero_stage=0",
-            "optim.lr=1e-2",
-            "train.steps=20",
-            "train.micro_batch_size=8",
-            "train.eval_every=20",
-            "train.eval_tokens=2048",
-            "train.log_every=20",
-        ],
+    cfg = nano_config(
+        data_dir,
+        "loqt.schedule=exponential",
+        "optim.warmup_steps=100",
+        "data.seq_len=128",
+        "loqt.update_interval=5",
+        "train.dtype=bfloat16",
+        "optim.name=adam8bit",
+        "scale.zero_stage=0",
+        "optim.lr=1e-2",
+        "train.steps=20",
+        "train.micro_batch_size=8",
+        "train.eval_every=20",
+        "train.eval_tokens=2048",
+        "train.log_every=20",
     )
     final = train(cfg)
     assert final["updates"] == 4 and final["val_ppl"] < 2048  # merges at 0, 5, 11, 17
@@ -124,27 +120,22 @@ def test_16_bit_mode_stores_trainable_values_in_bf16_and_learns(data_dir):
     """The reference's single-GPU 16-bit mode: bf16 parameters, 8-bit Adam stepped per layer."""
     from loqt_ray.trainer import Trainer
 
-    cfg = load_config(
-        None,
-        [
-            f"data.data_dir={data_dir}",
-            "data.vocab_size=2048",
-            "data.seq_len=128",
-            "model.size=nano",
-            "loqt.rank=8",
-            "loqt.update_interval=5",
-            "train.dtype=bfloat16",
-            "train.master_weights=false",
-            "optim.name=adam8bit",
-            "optim.per_layer=true",
-            "optim.lr=1e-2",
-            "optim.warmup_steps=2",
-            "train.steps=20",
-            "train.micro_batch_size=8",
-            "train.eval_every=10",
-            "train.eval_tokens=2048",
-            "train.log_every=10",
-        ],
+    cfg = nano_config(
+        data_dir,
+        "loqt.schedule=exponential",
+        "data.seq_len=128",
+        "loqt.update_interval=5",
+        "train.dtype=bfloat16",
+        "train.master_weights=false",
+        "optim.name=adam8bit",
+        "optim.per_layer=true",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=2",
+        "train.steps=20",
+        "train.micro_batch_size=8",
+        "train.eval_every=10",
+        "train.eval_tokens=2048",
+        "train.log_every=10",
     )
     trainer, rows = Trainer(cfg), []
     final = trainer.train(rows.append)
