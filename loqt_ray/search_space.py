@@ -5,9 +5,13 @@
       optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
       loqt.update_interval: {int: [20, 100]}
       loqt.lora_alpha: {uniform: [0.25, 1.0]}
+      train.seed: {grid: [0, 1]}
 
-Keys are dotted config fields (the same as `--set`). Every combination of the
-choices and range ends (the corners of the space) is validated as a full
+Keys are dotted config fields (the same as `--set`). `grid` tries every value
+(Tune's grid_search): a space with grid entries runs every combination of them
+num_samples times, the other entries sampled at random for each; a space
+without one is searched by Optuna's TPE. Every combination of the grid and
+choice values and range ends (the corners of the space) is validated as a full
 training config, so a trial can never be handed an impossible setting: a rank
 that does not fit a wrapped layer, a refresh interval that is not a multiple of
 the merge interval, a block size bitsandbytes does not accept.
@@ -17,13 +21,15 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, from_dict, read_yaml, validate
 
-DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "int")
+LISTED = ("choice", "grid")  # distributions over the values listed, not a [low, high] range
 MAX_CORNERS = 4096
 
 
@@ -34,13 +40,15 @@ class Param:
     values: tuple
 
     def corners(self) -> tuple:
-        return self.values if self.kind == "choice" else (self.values[0], self.values[1])
+        return self.values if self.kind in LISTED else (self.values[0], self.values[1])
 
     def tune(self):
         from ray import tune
 
         if self.kind == "choice":
             return tune.choice(list(self.values))
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
         low, high = self.values
         return {"uniform": tune.uniform, "loguniform": tune.loguniform, "int": tune.randint}[self.kind](
             low, high + 1 if self.kind == "int" else high
@@ -50,7 +58,7 @@ class Param:
         """The same distribution for Optuna, which the sweep report rebuilds its study with."""
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-        if self.kind == "choice":
+        if self.kind in LISTED:
             return CategoricalDistribution(list(self.values))
         low, high = self.values
         if self.kind == "int":
@@ -78,7 +86,9 @@ def parse_space(path: str | Path) -> list[Param]:
         kind, values = next(iter(spec.items()))
         if not isinstance(values, list) or not values:
             raise ConfigError(name, f"{kind} needs a non-empty list (got {values!r})")
-        if kind != "choice":
+        if kind == "grid" and len({repr(v) for v in values}) != len(values):
+            raise ConfigError(name, f"grid lists a value twice (got {values!r})")
+        if kind not in LISTED:
             if (
                 len(values) != 2
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -91,6 +101,11 @@ def parse_space(path: str | Path) -> list[Param]:
                 raise ConfigError(name, f"loguniform needs low > 0 (got {values!r})")
         params.append(Param(str(key), kind, tuple(values)))
     return params
+
+
+def grid_size(params: list[Param]) -> int:
+    """How many grid points the space has (1 without grid entries): trials = num_samples x this."""
+    return math.prod(len(p.values) for p in params if p.kind == "grid")
 
 
 def apply_params(base: dict, values: dict[str, Any]) -> Config:

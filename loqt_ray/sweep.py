@@ -123,10 +123,13 @@ def run_trial(values: dict, base: dict, sweep_dict: dict) -> None:
 
 
 def _new_tuner(trainable, sweep: SweepConfig, params: list[Param], sweep_dir: Path):
-    """A fresh Tune run: OptunaSearch (seeded TPE) and ASHA on val_ppl with tokens as its clock."""
+    """A fresh Tune run: OptunaSearch (seeded TPE), or Tune's seeded grid/random generator when the
+    space has grid entries (Optuna cannot take a grid beside sampled values); ASHA on val_ppl with
+    tokens as its clock."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
     settings, asha = sweep.sweep, sweep.asha
@@ -141,7 +144,9 @@ def _new_tuner(trainable, sweep: SweepConfig, params: list[Param], sweep_dir: Pa
     tune_config = tune.TuneConfig(
         metric="val_ppl",
         mode="min",
-        search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
+        search_alg=BasicVariantGenerator(random_state=settings.seed)
+        if any(p.kind == "grid" for p in params)
+        else OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
         scheduler=scheduler,
         num_samples=settings.num_samples,
         max_concurrent_trials=settings.max_concurrent_trials,

@@ -38,6 +38,10 @@ def test_shipped_spaces_are_valid_for_their_models(space):
             "params.loqt.refresh_interval: must be a multiple",
         ),
         ({"loqt.rnak": {"choice": [8]}}, "params.loqt.rnak: unknown key"),
+        ({"optim.lr": {"grid": []}}, "params.optim.lr: grid needs a non-empty list"),
+        ({"optim.lr": {"grid": [0.01, 0.01]}}, "params.optim.lr: grid lists a value twice"),
+        ({"loqt.rank": {"grid": [8, 16, 256]}}, "rank 256 does not fit the tiny model"),
+        ({"optim.lr": {"grid": [0.01, "fast"]}}, "params.optim.lr: must be a number"),
     ],
 )
 def test_bad_search_spaces_are_refused_before_any_trial(tmp_path, params, message):
@@ -62,17 +66,27 @@ def test_sweep_file_errors_exit_2_before_a_cluster_starts(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
-    """A real sweep: local Ray, Optuna TPE, ASHA, 4 trials of 1 DeepSpeed worker each."""
+    """A real sweep: local Ray, a grid beside sampled values, ASHA, 4 trials of 1 DeepSpeed worker each.
+
+    (Optuna's TPE, used when a space has no grid, runs in test_jobs.)"""
     import ray
 
+    # A grid of a useful and a useless lr, twice: at least one useless trial must be stopped at the
+    # first rung, since it cannot beat a useful one that already reported there.
+    space = write(
+        tmp_path,
+        "space.yaml",
+        {"params": {"optim.lr": {"grid": [1e-2, 1e-5]}, "loqt.rank": {"choice": [8, 16]},
+                    "loqt.lora_alpha": {"uniform": [0.25, 1.0]}}},
+    )  # fmt: skip
     spec = yaml.safe_load((ROOT / "jobs" / "sweep.yaml").read_text())
     spec["sweep"].update(
         name="t",
         storage_path=str(tmp_path / "sweeps"),
-        num_samples=4,
+        num_samples=2,
         tokens_per_trial=8 * 64 * 24,
         eval_every_tokens=8 * 64 * 6,
-        search_space=str(ROOT / "search_spaces" / "cpu_tiny.yaml"),
+        search_space=str(space),
     )
     spec["asha"]["grace_period_tokens"] = 8 * 64 * 6
     spec["trial"]["model"] = {"size": "nano"}
@@ -85,6 +99,10 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
         sweep_dir = tmp_path / "sweeps" / "t"
         rows = leaderboard(sweep_dir)
         assert len(rows) == 4 and all(r["status"] in ("completed", "stopped early") for r in rows)
+        assert sorted(r["params"]["optim.lr"] for r in rows) == [1e-5, 1e-5, 1e-2, 1e-2]
+        stopped = [r for r in rows if r["status"] == "stopped early"]
+        assert stopped and all(r["params"]["optim.lr"] == 1e-5 and r["tokens"] < 8 * 64 * 24 for r in stopped)
+        assert rows[0]["params"]["optim.lr"] == 1e-2
         assert all(0 < r["tokens"] <= 8 * 64 * 24 for r in rows)
         assert rows[0]["val_ppl"] == min(r["val_ppl"] for r in rows)
         assert "| trial | status | tokens | val ppl |" in (sweep_dir / "leaderboard.md").read_text()
