@@ -59,7 +59,7 @@ class GaLoreEngine(PlainEngine):
                 "proj_type": "std",
             },
         ]
-        self.optimizer = GaLoreAdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.optimizer = GaLoreAdamW(groups, lr=cfg.peak_lr(), weight_decay=cfg.optim.weight_decay)
 
     def state_bytes(self) -> dict:
         # GaLore keeps each projection matrix inside a projector object in the state

@@ -36,7 +36,7 @@ MEMORY_SHORTHANDS = {
 }
 MEMORY_FLAGS = {
     "--per-layer": ("optim.per_layer", "per-layer optimizer updates (optim.per_layer)"),
-    "--quantize-projection": ("loqt.quantize_projection", "P in NF4 too (loqt.quantize_projection)"),
+    "--quantize-projection": ("loqt.quantize_projection", "P in NF4 or dense (loqt.quantize_projection)"),
 }
 
 
@@ -113,13 +113,10 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 def _memory_overrides(args: argparse.Namespace) -> list[str]:
     """The shorthands given, as the --set assignments they stand for, before the explicit --set ones."""
     sets = []
-    for flag, (field, _) in MEMORY_SHORTHANDS.items():
+    for flag, (field, _) in {**MEMORY_SHORTHANDS, **MEMORY_FLAGS}.items():
         value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
+        if value is not None:  # a flag left out keeps the config's value (True/False parse as YAML)
             sets.append(f"{field}={value}")
-    for flag, (field, _) in MEMORY_FLAGS.items():
-        if getattr(args, flag[2:].replace("-", "_")):
-            sets.append(f"{field}=true")
     return sets + args.overrides
 
 
@@ -193,7 +190,7 @@ def _add_memory_parser(sub) -> None:
     for flag, (_, text) in MEMORY_SHORTHANDS.items():
         p.add_argument(flag, help=text)
     for flag, (_, text) in MEMORY_FLAGS.items():
-        p.add_argument(flag, action="store_true", help=text)
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
     p.add_argument(
         "--paper",
         action="store_true",

@@ -112,7 +112,7 @@ class LoQTConfig:
     targets: list[str] = field(default_factory=lambda: list(LINEAR_NAMES))
     quant_block_size: int = 64
     double_quant: bool = True
-    quantize_projection: bool = False
+    quantize_projection: bool = True  # P in NF4, as the reference trains
     compensation_iters: int = 5
     schedule: Literal["static", "linear", "exponential"] = "exponential"
     update_interval: int = 100  # tau: steps between merges (the first gap)
@@ -127,15 +127,21 @@ class LoQTConfig:
     refresh: Literal["auto", "exact", "layerwise"] = "auto"
 
 
+# The reference recipe's peak learning rate for LoQT (its 60m/130m/350m scripts), and full-rank
+# AdamW's, which diverges or trails at LoQT's (bench/bench_quality.py; README "Defaults").
+DEFAULT_LR = {"loqt": 1e-2, "loqt-nq": 1e-2, "full": 3e-3}
+WARMUP_SHARE = 0.1  # linear warmup over the first 10 % of the steps, as the reference does
+
+
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "adam8bit"] = "adamw"
-    lr: float = 1e-3
+    lr: float | None = None  # None: the method's default, DEFAULT_LR
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float = 1e-6
     weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0 disables clipping
-    warmup_steps: int = 100
+    grad_clip: float = 0.0  # global-norm clipping; 0 disables it
+    warmup_steps: int | None = None  # None: WARMUP_SHARE of train.steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     per_layer: bool = False  # one optimizer per tensor, stepped in a grad hook
 
@@ -182,6 +188,16 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def peak_lr(self) -> float:
+        """optim.lr, or the method's default when it is unset."""
+        return self.optim.lr if self.optim.lr is not None else DEFAULT_LR[self.loqt.method]
+
+    def warmup_steps(self) -> int:
+        """optim.warmup_steps, or WARMUP_SHARE of train.steps when it is unset."""
+        if self.optim.warmup_steps is not None:
+            return self.optim.warmup_steps
+        return round(WARMUP_SHARE * self.train.steps)
 
     def layerwise_refresh(self) -> bool:
         """Whether refreshes take P inside backward (loqt.refresh, with `auto` resolved)."""
@@ -435,12 +451,16 @@ def _validate_data(data: DataConfig, max_positions: int) -> None:
 
 
 def _validate_optim(optim: OptimConfig, train: TrainConfig, scale: ScaleConfig) -> None:
-    _require(optim.lr > 0, "optim.lr", f"must be > 0 (got {optim.lr})")
+    _require(optim.lr is None or optim.lr > 0, "optim.lr", f"must be > 0 (got {optim.lr})")
     _require(
         all(0 <= b < 1 for b in optim.betas), "optim.betas", f"must be in [0, 1) (got {list(optim.betas)})"
     )
     _require(optim.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (got {optim.grad_clip})")
-    _require(optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (got {optim.warmup_steps})")
+    _require(
+        optim.warmup_steps is None or optim.warmup_steps >= 0,
+        "optim.warmup_steps",
+        f"must be >= 0 (got {optim.warmup_steps})",
+    )
     _require(
         0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1] (got {optim.min_lr_ratio})"
     )

@@ -63,7 +63,7 @@ class DeepSpeedEngine:
         use_bf16 = cfg.train.dtype == "bfloat16" and next(model.parameters()).is_cuda
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
-            optimizer=make_optimizer(self.params, cfg.optim),
+            optimizer=make_optimizer(self.params, cfg.optim, cfg.peak_lr()),
             model_parameters=self.params,
             config=deepspeed_config(cfg, use_bf16),
             dist_init_required=False,

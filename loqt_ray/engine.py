@@ -92,9 +92,9 @@ class PlainEngine:
         self.model, self.cfg = model, cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
         if cfg.optim.per_layer:
-            self.optimizer = PerLayerOptimizer(self.params, cfg.optim)
+            self.optimizer = PerLayerOptimizer(self.params, cfg.optim, cfg.peak_lr())
         else:
-            self.optimizer = make_optimizer(self.params, cfg.optim)
+            self.optimizer = make_optimizer(self.params, cfg.optim, cfg.peak_lr())
 
     @property
     def _optimizers(self) -> list[torch.optim.Optimizer]:

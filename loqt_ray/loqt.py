@@ -241,7 +241,7 @@ def apply_loqt(model: nn.Module, cfg: LoQTConfig) -> nn.Module:
             quantize=cfg.method == "loqt",
             block_size=cfg.quant_block_size,
             double_quant=cfg.double_quant,
-            quantize_projection=cfg.quantize_projection,
+            quantize_projection=cfg.quantize_projection and cfg.method == "loqt",  # loqt-nq: nothing in NF4
         )
         setattr(model.get_submodule(parent_name), child, layer)
     return model

@@ -12,25 +12,24 @@ import math
 
 import torch
 
-from .config import OptimConfig
+from .config import Config, OptimConfig
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.name == "adam8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.Adam8bit(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return bnb.optim.Adam8bit(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Linear warmup to 1, then cosine decay to min_lr_ratio at total_steps."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warmup to 1, then cosine decay to optim.min_lr_ratio at train.steps."""
+    warmup, total, floor = cfg.warmup_steps(), cfg.train.steps, cfg.optim.min_lr_ratio
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class PerLayerOptimizer:
@@ -40,10 +39,10 @@ class PerLayerOptimizer:
     gradients), so a per-tensor norm clip is applied instead.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimConfig):
+    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float):
         self.cfg = cfg
-        self.optimizers = {p: make_optimizer([p], cfg) for p in params}
-        self.lr = cfg.lr
+        self.optimizers = {p: make_optimizer([p], cfg, lr) for p in params}
+        self.lr = lr
         self._handles = [p.register_post_accumulate_grad_hook(self._step_one) for p in params]
 
     def _step_one(self, p: torch.nn.Parameter) -> None:

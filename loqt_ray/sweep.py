@@ -49,9 +49,9 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
     for key in ("num_samples", "max_concurrent_trials", "tokens_per_trial", "eval_every_tokens"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"sweep.{key}", f"must be >= 1 (got {getattr(settings, key)})")
-    if asha.reduction_factor < 2:
+    if asha.enabled and asha.reduction_factor < 2:
         raise ConfigError("asha.reduction_factor", f"must be >= 2 (got {asha.reduction_factor})")
-    if not 0 < asha.grace_period_tokens <= settings.tokens_per_trial:
+    if asha.enabled and not 0 < asha.grace_period_tokens <= settings.tokens_per_trial:
         raise ConfigError(
             "asha.grace_period_tokens",
             f"must be in (0, sweep.tokens_per_trial] (got {asha.grace_period_tokens})",
@@ -141,15 +141,21 @@ def _new_tuner(trainable, sweep: SweepConfig, params: list[Param], sweep_dir: Pa
             grace_period=asha.grace_period_tokens,
             reduction_factor=asha.reduction_factor,
         )
+    concurrent = settings.max_concurrent_trials
+    if any(p.kind == "grid" for p in params):  # Tune ignores max_concurrent_trials for a generator
+        search, concurrent = (
+            BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrent),
+            None,
+        )
+    else:
+        search = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed))
     tune_config = tune.TuneConfig(
         metric="val_ppl",
         mode="min",
-        search_alg=BasicVariantGenerator(random_state=settings.seed)
-        if any(p.kind == "grid" for p in params)
-        else OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
+        search_alg=search,
         scheduler=scheduler,
         num_samples=settings.num_samples,
-        max_concurrent_trials=settings.max_concurrent_trials,
+        max_concurrent_trials=concurrent,
     )
     return tune.Tuner(
         trainable,

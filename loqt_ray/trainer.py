@@ -159,7 +159,7 @@ class Trainer:
         step, then a merge (and refresh) on the schedule's update steps."""
         start = time.perf_counter()
         train, step = self.cfg.train, self.step
-        self.lr = self.cfg.optim.lr * lr_factor(step, train.steps, self.cfg.optim)
+        self.lr = self.cfg.peak_lr() * lr_factor(step, self.cfg)
         self.engine.set_lr(self.lr)
         refresh = bool(self.layers) and self.schedule.is_refresh(step)
         if refresh:

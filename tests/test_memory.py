@@ -32,6 +32,7 @@ def test_nf4_bytes_match_bitsandbytes(numel, block, dq):
     [
         ("full", {}),
         ("loqt", {}),
+        ("loqt", {"quantize_projection": False}),
         ("loqt-nq", {}),
         ("loqt", {"quantize_projection": True, "double_quant": False, "quant_block_size": 128}),
     ],
@@ -39,7 +40,8 @@ def test_nf4_bytes_match_bitsandbytes(numel, block, dq):
 def test_components_equal_the_real_tensors_after_a_training_step(method, extra):
     vocab, rank = 512, 24
     model = build_model("tiny", vocab)
-    apply_loqt(model, LoQTConfig(method=method, rank=rank, **extra))
+    loqt = LoQTConfig(method=method, rank=rank, **extra)
+    apply_loqt(model, loqt)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     ids = torch.randint(0, vocab, (2, 32))
@@ -51,7 +53,7 @@ def test_components_equal_the_real_tensors_after_a_training_step(method, extra):
         **FP32,
         block_size=extra.get("quant_block_size", 64),
         double_quant=extra.get("double_quant", True),
-        quantize_projection=extra.get("quantize_projection", False),
+        quantize_projection=loqt.quantize_projection,
     )
     est = estimate("tiny", method, rank, vocab=vocab, a=a)
     assert est.weights == _bytes(model.state_dict().values())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loqt_ray import LoQTConfig, apply_loqt
-from loqt_ray.config import OptimConfig
+from loqt_ray.config import DEFAULT_LR, OptimConfig, load_config
 from loqt_ray.loqt import loqt_layers
 from loqt_ray.models import build_model
 from loqt_ray.optim import PerLayerOptimizer, lr_factor, make_optimizer
@@ -28,7 +28,7 @@ def test_optimizer_steps_trainable_parameters(name):
     model = loqt_model()
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    opt = make_optimizer(params, OptimConfig(name=name, lr=1e-2))
+    opt = make_optimizer(params, OptimConfig(name=name), lr=1e-2)
     loss_of(model).backward()
     opt.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
@@ -41,7 +41,7 @@ def test_per_layer_updates_step_inside_backward_and_free_gradients():
     model = loqt_model()
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    opt = PerLayerOptimizer(params, OptimConfig(lr=1e-2, grad_clip=1.0))
+    opt = PerLayerOptimizer(params, OptimConfig(grad_clip=1.0), lr=1e-2)
     assert len(opt.optimizers) == len(params)
     loss_of(model).backward()
     assert all(p.grad is None for p in params)  # each gradient freed as soon as it was used
@@ -50,10 +50,20 @@ def test_per_layer_updates_step_inside_backward_and_free_gradients():
 
 
 def test_warmup_then_cosine_to_min_ratio():
-    cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
-    assert lr_factor(9, 100, cfg) == pytest.approx(1.0)
-    assert lr_factor(55, 100, cfg) == pytest.approx(0.55)
-    assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
-    assert all(lr_factor(s, 100, cfg) >= lr_factor(s + 1, 100, cfg) for s in range(10, 100))
-    assert not math.isnan(lr_factor(0, 1, OptimConfig(warmup_steps=0)))
+    cfg = load_config(None, ["train.steps=100", "optim.min_lr_ratio=0.1"])  # warmup: 10 % of the steps
+    assert cfg.warmup_steps() == 10
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, cfg) == pytest.approx(0.55)
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+    assert all(lr_factor(s, cfg) >= lr_factor(s + 1, cfg) for s in range(10, 100))
+    assert not math.isnan(lr_factor(0, load_config(None, ["train.steps=1", "optim.warmup_steps=0"])))
+
+
+def test_defaults_follow_the_reference_recipe_per_method():
+    loqt, full = load_config(None), load_config(None, ["loqt.method=full"])
+    assert (loqt.peak_lr(), full.peak_lr()) == (DEFAULT_LR["loqt"], DEFAULT_LR["full"])
+    assert DEFAULT_LR["loqt"] == 1e-2 and DEFAULT_LR["loqt-nq"] == 1e-2  # the reference scripts' lr
+    assert (loqt.optim.grad_clip, loqt.optim.eps, loqt.loqt.quantize_projection) == (0.0, 1e-6, True)
+    assert load_config(None, ["optim.lr=3e-4", "loqt.method=full"]).peak_lr() == 3e-4  # set wins
+    assert load_config(None, ["train.steps=60000"]).warmup_steps() == 6000

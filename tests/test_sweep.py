@@ -132,3 +132,16 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
         )  # no silent overwrite
     finally:
         ray.shutdown()
+
+
+def test_asha_settings_are_not_checked_when_asha_is_off(tmp_path):
+    from loqt_ray.sweep import load_sweep
+
+    spec = yaml.safe_load((ROOT / "jobs" / "sweep.yaml").read_text())
+    spec["sweep"]["search_space"] = str(ROOT / "search_spaces" / "cpu_tiny.yaml")
+    spec["asha"] = {"enabled": False, "grace_period_tokens": 10**9}
+    sweep, _, _ = load_sweep(write(tmp_path, "sweep.yaml", spec))
+    assert not sweep.asha.enabled
+    spec["asha"]["enabled"] = True
+    with pytest.raises(ConfigError, match="asha.grace_period_tokens"):
+        load_sweep(write(tmp_path, "sweep.yaml", spec))

@@ -127,6 +127,7 @@ def test_16_bit_mode_stores_trainable_values_in_bf16_and_learns(data_dir):
         "loqt.update_interval=5",
         "train.dtype=bfloat16",
         "train.master_weights=false",
+        "loqt.quantize_projection=false",  # a dense P, to see it stored in bf16 too
         "optim.name=adam8bit",
         "optim.per_layer=true",
         "optim.lr=1e-2",
