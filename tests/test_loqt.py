@@ -55,8 +55,8 @@ def test_merge_changes_outputs_by_at_most_the_quantization_error(iters):
     _, layer = make_layer(96, 64)
     layer.update(None, torch.randn(96, 64), iters)  # the step-0 refresh: P from a gradient, W quantized
     with torch.no_grad():
-        layer.B.normal_(std=0.01)  # as if trained since
-    before = effective_weight(layer)
+        layer.B.normal_(std=0.1)  # as if trained since: a low-rank part well above NF4's error
+    before, w_before, delta = effective_weight(layer), layer.dense_weight(), layer.delta()
     x = torch.randn(32, 64)
     y_before = x @ before.T
     new_b = layer.update(None, None, iters)
@@ -64,6 +64,11 @@ def test_merge_changes_outputs_by_at_most_the_quantization_error(iters):
         layer.B.copy_(new_b)
     after = effective_weight(layer)
     quant_err = torch.linalg.matrix_norm(before - NF4Tensor(before).dequantize())
+    # The low-rank part moved into W (a merge that did nothing would leave W and B as they were) ...
+    moved = torch.linalg.matrix_norm(layer.dense_weight() - w_before)
+    assert moved > 0.5 * torch.linalg.matrix_norm(delta) > 2 * quant_err
+    assert iters > 0 or not new_b.any()  # without compensation B restarts from zero
+    # ... and the layer computes what it did, up to NF4's error.
     assert torch.linalg.matrix_norm(after - before) <= quant_err * (1 + 1e-5)
     assert torch.linalg.matrix_norm(x @ after.T - y_before) <= torch.linalg.matrix_norm(x) * quant_err * (
         1 + 1e-5
