@@ -29,3 +29,35 @@ def test_a_merge_through_deepspeed_reaches_its_fp32_master_copy(data_dir):
     assert any(layer.B.abs().sum() > 0 for layer in trainer.layers)  # compensation's B, not zeros
     trainable = sum(p.numel() for p in trainer.engine.params)
     assert final["master_bytes"] == 4 * trainable  # ZeRO's fp32 partition (all of it on one rank)
+
+
+def test_8bit_adam_at_zero_stage_0_resumes_exactly(data_dir, tmp_path):
+    """ZeRO stage 0 (which 8-bit Adam needs): the engine's stage-0 state_dict/load_state_dict."""
+    from loqt_ray import checkpoint
+    from loqt_ray.distributed import DeepSpeedEngine
+
+    cfg = nano_config(
+        data_dir, "loqt.update_interval=2", "optim.name=adam8bit", "scale.zero_stage=0", "optim.lr=1e-2",
+        "train.steps=6", "train.checkpoint_every=3", "train.log_every=1", "train.eval_every=6",
+        "train.micro_batch_size=4", "train.grad_accum=2", "train.eval_tokens=512",
+    )  # fmt: skip
+    straight, rows = Trainer(cfg, make_engine=DeepSpeedEngine), []
+
+    def save(state):
+        if state["step"] == 3:
+            checkpoint.write(tmp_path / "checkpoint_3", state)
+
+    straight.train(rows.append, save)
+    states = [v for s in straight.engine._base.state.values() for v in s.values() if torch.is_tensor(v)]
+    assert any(v.dtype == torch.uint8 for v in states)  # bitsandbytes' 8-bit moments
+
+    resumed, resumed_rows = Trainer(cfg, make_engine=DeepSpeedEngine), []
+    resumed.resume(checkpoint.read(tmp_path / "checkpoint_3" / checkpoint.STATE_FILE))
+    resumed.train(resumed_rows.append)
+    expected = {row["step"]: row["train_loss"] for row in rows}
+    assert [row["step"] for row in resumed_rows] == [4, 5, 6]
+    assert all(abs(row["train_loss"] - expected[row["step"]]) < 1e-6 for row in resumed_rows)
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
