@@ -22,6 +22,17 @@ from .optim import make_optimizer
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def _moments(state: dict) -> tuple[list[dict], int]:
+    """A stage-0 (torch) AdamW state dict as per-parameter moments and the step count, for ZeRO."""
+    saved = state["optimizer"]["state"]
+    if any(key not in ADAM_STATE_KEYS + ("step",) for s in saved.values() for key in s):
+        raise ValueError("this checkpoint's optimizer is not AdamW (8-bit Adam?): resume it at zero_stage 0")
+    adam = [
+        {k: saved[i][k] for k in ADAM_STATE_KEYS} if i in saved else {} for i in range(len(state["params"]))
+    ]
+    return adam, max((int(s["step"]) for s in saved.values()), default=0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,19 +148,31 @@ class DeepSpeedEngine:
         return {"params": params, "optimizer": adam, "optimizer_step": step}
 
     def load_state_dict(self, state: dict) -> None:
+        """Loads what any ZeRO stage (or the plain engine) wrote: the optimizer state comes as
+        a torch state dict from stage 0 and as per-parameter Adam moments from stages 1-2."""
         for p, value in zip(self.params, state["params"], strict=True):
             self.set_param(p, value.to(p.device))
+        written_by_zero = isinstance(state["optimizer"], list)
         if not self._zero:
-            self._base.load_state_dict(state["optimizer"])
+            optimizer = state["optimizer"]
+            if written_by_zero:
+                optimizer = self._torch_adam_state(optimizer, state["optimizer_step"])
+            self._base.load_state_dict(optimizer)
             return
         from deepspeed.utils import safe_set_full_optimizer_state
 
+        adam, step = (state["optimizer"], state["optimizer_step"]) if written_by_zero else _moments(state)
         self._ensure_adam_state()
-        for p, adam in zip(self.params, state["optimizer"], strict=True):
-            for key, value in adam.items():
+        for p, moments in zip(self.params, adam, strict=True):
+            for key, value in moments.items():
                 safe_set_full_optimizer_state(p, value.to(p.device), key)
         for s in self._base.state.values():  # Adam's bias correction counts optimizer steps
-            s["step"] = torch.tensor(float(state["optimizer_step"]))
+            s["step"] = torch.tensor(float(step))
+
+    def _torch_adam_state(self, adam: list[dict], step: int) -> dict:
+        """Per-parameter moments as the state dict of this engine's torch optimizer (one group)."""
+        moments = {i: {"step": torch.tensor(float(step)), **m} for i, m in enumerate(adam) if m}
+        return {"state": moments, "param_groups": self._base.state_dict()["param_groups"]}
 
     def state_bytes(self) -> dict:
         return held_bytes(self.engine.module, self.params, optimizer_tensors([self._base]), [self._base])
