@@ -61,3 +61,25 @@ def test_8bit_adam_at_zero_stage_0_resumes_exactly(data_dir, tmp_path):
         straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_a_stage_0_checkpoint_resumes_under_zero_2(data_dir, tmp_path):
+    """Stage 0 writes a torch optimizer state dict, ZeRO per-parameter moments: either loads both."""
+    from loqt_ray import checkpoint
+    from loqt_ray.distributed import DeepSpeedEngine
+
+    def cfg(stage):
+        return nano_config(
+            data_dir, "loqt.update_interval=2", f"scale.zero_stage={stage}", "optim.lr=1e-2", "train.steps=6",
+            "train.checkpoint_every=3", "train.log_every=1", "train.eval_every=6", "train.micro_batch_size=4",
+            "train.eval_tokens=512",
+        )  # fmt: skip
+
+    straight, rows = Trainer(cfg(0), make_engine=DeepSpeedEngine), []
+    straight.train(rows.append, lambda state: state["step"] == 3 and checkpoint.write(tmp_path / "c3", state))
+    resumed, resumed_rows = Trainer(cfg(2), make_engine=DeepSpeedEngine), []
+    resumed.resume(checkpoint.read(tmp_path / "c3" / checkpoint.STATE_FILE))
+    resumed.train(resumed_rows.append)
+    expected = {row["step"]: row["train_loss"] for row in rows}
+    assert [row["step"] for row in resumed_rows] == [4, 5, 6]
+    assert all(abs(row["train_loss"] - expected[row["step"]]) < 1e-5 for row in resumed_rows)
