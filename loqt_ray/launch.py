@@ -135,6 +135,25 @@ def start_ray(address: str | None) -> None:
     ray.init(address=address, log_to_driver=False, **({} if address else local))
 
 
+def check_resources(scale, extra_cpu: float = 0.0) -> None:
+    """Refuse a run the Ray cluster can never place (Ray would wait for the resources forever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    wanted = {"CPU": scale.num_workers * scale.cpus_per_worker + extra_cpu}
+    if scale.use_gpu:
+        wanted["GPU"] = scale.num_workers * scale.gpus_per_worker
+    for kind, need in wanted.items():
+        field = "scale.gpus_per_worker" if kind == "GPU" else "scale.cpus_per_worker"
+        if need > have.get(kind, 0) + 1e-9:
+            raise ConfigError(
+                field,
+                f"the run asks for {need:g} {kind}s ({scale.num_workers} workers), the Ray cluster has "
+                f"{have.get(kind, 0):g}; lower scale.num_workers or {field}"
+                + (", or set scale.use_gpu=false" if kind == "GPU" else ""),
+            )
+
+
 def make_trainer(cfg: Config, out: Path, resume_from: Path | None, callbacks: list = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -152,7 +171,7 @@ def make_trainer(cfg: Config, out: Path, resume_from: Path | None, callbacks: li
         scaling_config=ScalingConfig(
             num_workers=scale.num_workers, use_gpu=scale.use_gpu, resources_per_worker=resources
         ),
-        torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=_backend(scale.use_gpu)),
         run_config=RunConfig(
             name=cfg.train.name,
             storage_path=str(out.parent),
@@ -161,6 +180,14 @@ def make_trainer(cfg: Config, out: Path, resume_from: Path | None, callbacks: li
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
+
+
+def _backend(use_gpu: bool) -> str:
+    """NCCL for GPU runs where torch has it; gloo otherwise (a CPU-only torch has no NCCL: its
+    workers fall back to the CPU, trainer.Trainer says so)."""
+    import torch.distributed
+
+    return "nccl" if use_gpu and torch.distributed.is_nccl_available() else "gloo"
 
 
 def resume_point(cfg: Config, out: Path) -> Path | None:
@@ -207,6 +234,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
             file=sys.stderr,
         )
     start_ray(cfg.scale.address)
+    check_resources(cfg.scale)
     with _Progress(out, cfg.train.steps, cfg.train.name, progress):
         try:
             make_trainer(cfg, out, resume_from).fit()

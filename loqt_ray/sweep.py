@@ -32,6 +32,8 @@ from .config import (
 from .results import BEST_FILE, LEADERBOARD_FILE, REPORT_DIR, SPACE_FILE, SWEEP_FILE, TRIAL_RUN, leaderboard
 from .search_space import Param, apply_params, check_space, parse_space
 
+TRIAL_CPU = 0.1  # the Tune trial that drives a trial's Ray Train run; its workers ask for the rest
+
 
 def effective_sweep(path: str | Path, overrides: list[str] = ()) -> dict:
     """The sweep file as read, with its --set overrides applied."""
@@ -179,7 +181,7 @@ def run_sweep(path: str | Path, overrides: list[str] = ()) -> Path:
     from ray import tune
 
     from .data import prepare
-    from .launch import start_ray
+    from .launch import check_resources, start_ray
     from .report import write_report
 
     sweep, base, params = load_sweep(path, overrides)
@@ -188,8 +190,9 @@ def run_sweep(path: str | Path, overrides: list[str] = ()) -> Path:
     # on the same cache (the cache must be on storage every node sees, as for any Ray run).
     prepare(from_dict(Config, base).data)
     start_ray(sweep.trial.scale.address)
+    check_resources(sweep.trial.scale, extra_cpu=TRIAL_CPU)  # one trial must fit, or Tune waits forever
     trial = tune.with_parameters(run_trial, base=base, sweep_dict=dataclasses.asdict(sweep))
-    trainable = tune.with_resources(trial, {"cpu": 0.1})
+    trainable = tune.with_resources(trial, {"cpu": TRIAL_CPU})
     if tune.Tuner.can_restore(str(sweep_dir)):
         tuner = tune.Tuner.restore(
             str(sweep_dir), trainable=trainable, resume_errored=False, restart_errored=False

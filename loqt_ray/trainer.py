@@ -9,7 +9,9 @@ callback and checkpoint states through `save`, so this module imports no Ray.
 from __future__ import annotations
 
 import math
+import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 
@@ -115,6 +117,12 @@ class Trainer:
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, make_engine: Callable = PlainEngine):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         use_cuda = cfg.scale.use_gpu and torch.cuda.is_available()
+        if cfg.scale.use_gpu and not use_cuda:  # a GPU Ray declared (or a CPU-only torch): say so
+            print(
+                f"rank {rank}: scale.use_gpu is true but torch sees no CUDA device "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}); training on the CPU",
+                file=sys.stderr,
+            )
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.data = prepare(cfg.data)
         model = build_model(

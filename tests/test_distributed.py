@@ -250,3 +250,13 @@ def test_per_layer_updates_under_ray_stop_resume_and_match_the_in_process_run(
     assert all(abs(got[row["step"]] - row["train_loss"]) < 1e-5 for row in rows), [
         (row["step"], got[row["step"]] - row["train_loss"]) for row in rows
     ]
+
+
+def test_a_run_the_cluster_cannot_place_is_refused_not_left_waiting(ray_cluster, data_dir, tmp_path):
+    """Ray would wait forever for resources it does not have: the launcher refuses first."""
+    gpus = two_worker_config(data_dir, tmp_path, "gpus", 4, "scale.use_gpu=true")
+    with pytest.raises(ConfigError, match=r"scale.gpus_per_worker: the run asks for 2 GPUs .* has 0"):
+        run_training(gpus, progress=False)
+    cpus = two_worker_config(data_dir, tmp_path, "cpus", 4, "scale.cpus_per_worker=2")
+    with pytest.raises(ConfigError, match=r"scale.cpus_per_worker: the run asks for 4 CPUs .* has 2"):
+        run_training(cpus, progress=False)

@@ -1,0 +1,318 @@
+"""Everything the GPU path can show in one short call: CUDA tests, bf16 speed and memory, 1b, 7B.
+
+Each step runs in its own process with its own timeout, so a crash, an out-of-memory or a hang
+in one keeps what the others measured; the results file is rewritten after every step. Under
+--out: gpu_check.json (every step: status, seconds, measurements), gpu_check.log (every
+step's output), profile.txt (where one LoQT step's time goes). --cpu runs the same steps on
+the CPU at tiny sizes (the suite runs it, so the script cannot rot between GPU runs).
+
+    bench/gpu_check.sh [--cpu]          (the wrapper installs carried wheels first)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# step -> (timeout on a GPU in s, what it shows); the whole run stays within about 8 minutes
+STEPS = {
+    "env": (60, "versions and the device"),
+    "cuda_tests": (150, "the CUDA-marked tests: NF4, LoQTLinear and checkpoints on the GPU against the CPU"),
+    "train_60m": (150, "60m LoQT and full-rank in bf16 through DeepSpeed: tokens/s, peak memory vs estimate"),
+    "profile": (60, "one LoQT step under torch.profiler"),
+    "train_1b": (120, "1b LoQT at the estimator's largest micro-batch for this GPU"),
+    "train_7b": (240, "jobs/train_7b_24gb.yaml: a few steps, peak memory vs estimate"),
+}
+# the model sizes each step trains on a GPU, and on the CPU with --cpu
+SIZES = {"60m": "nano", "1b": "tiny", "7b": "small"}
+
+
+def corpus(directory: Path) -> Path:
+    """A synthetic text corpus (nothing downloads on the GPU machine): 600 documents of words drawn
+    from 20,000 made-up ones, so a 32k BPE vocabulary and real tokenizer work come out of it."""
+    import random
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(20_000)]
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(600):
+        text = " ".join(rng.choice(words) for _ in range(1500))
+        (directory / f"doc{i:04d}.txt").write_text(text + ".\n")
+    return directory
+
+
+class Check:
+    """The settings one step runs with: GPU sizes, or --cpu's tiny ones."""
+
+    def __init__(self, cpu: bool, out: Path, work: Path):
+        self.cpu, self.out, self.work = cpu, out, work
+
+    def size(self, name: str) -> str:
+        return SIZES[name] if self.cpu else name
+
+    def config(self, size: str, *extra: str):
+        from loqt_ray.config import load_config
+
+        data = self.work / "corpus"
+        if not data.exists():
+            corpus(data)
+        seq, vocab = (64, 2048) if self.cpu else (256, 32000)
+        return load_config(
+            None,
+            [f"model.size={self.size(size)}", f"data.source={data}", f"data.data_dir={self.work / 'cache'}",
+             f"data.vocab_size={vocab}", f"data.seq_len={seq}", "train.dtype=bfloat16",
+             f"scale.use_gpu={not self.cpu}", "train.eval_tokens=4096", "scale.zero_stage=2", *extra],
+        )  # fmt: skip
+
+
+def measure(cfg, steps: int) -> dict:
+    """Train `steps` steps in this process on the engine `loqt-ray train` picks; tokens/s after the
+    first step, peak memory against the estimator, the merge+refresh share."""
+    import torch
+
+    from loqt_ray.launch import engine_for
+    from loqt_ray.memory import GIB, trainer_estimate
+    from loqt_ray.trainer import Trainer
+
+    cfg.train.steps = cfg.train.eval_every = cfg.train.log_every = steps
+    trainer = Trainer(cfg, make_engine=engine_for(cfg))
+    cuda = trainer.device.type == "cuda"
+    trainer.train_step()  # the first step: allocator warm-up, the step-0 merge and refresh
+    if cuda:
+        torch.cuda.synchronize()
+    first_update = trainer.counters["update_time"]
+    start = time.perf_counter()
+    while trainer.step < steps:
+        trainer.train_step()
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    tokens = (steps - 1) * trainer.tokens_per_step
+    cfg.data.vocab_size = len(trainer.data.tokenizer)  # the estimate of the model that was built
+    estimate = trainer_estimate(cfg)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    updates = trainer.counters["updates"]
+    return {
+        "size": cfg.model.size,
+        "method": cfg.loqt.method,
+        "micro_batch": cfg.train.micro_batch_size,
+        "steps": steps,
+        "tokens_per_s": tokens / wall,
+        "update_share": (trainer.counters["update_time"] - first_update) / wall,
+        "updates_after_step_0": updates - 1 if trainer.layers else 0,
+        "peak_gib": peak / GIB if peak else None,
+        "estimate_peak_gib": estimate.peak / GIB,
+        "peak_over_estimate": peak / estimate.peak if peak else None,
+        "train_loss": trainer.train_metrics()["train_loss"],
+    }
+
+
+def step_env(check: Check) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for name in ("torch", "transformers", "bitsandbytes", "deepspeed", "datasets", "tokenizers", "pyarrow"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    cuda = torch.cuda.is_available()
+    return {
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "cuda": cuda,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "device_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
+    }
+
+
+def step_cuda_tests(check: Check) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    print(proc.stdout[-6000:], proc.stderr[-2000:])
+    summary = (proc.stdout.strip().splitlines() or [""])[-1]
+    # without a GPU the marked tests skip: that counts as ran, not as passed
+    return {"returncode": proc.returncode, "summary": summary, "passed": proc.returncode == 0}
+
+
+def step_train_60m(check: Check) -> dict:
+    steps = 8 if check.cpu else 60
+    batch = 4 if check.cpu else 32
+    runs = {}
+    for method in ("full", "loqt"):
+        cfg = check.config("60m", f"loqt.method={method}", f"train.micro_batch_size={batch}", "loqt.rank=16"
+                           if check.cpu else "loqt.rank=128", "loqt.schedule=static",
+                           f"loqt.update_interval={steps // 2}")  # fmt: skip
+        runs[method] = measure(cfg, steps)
+        print(method, runs[method], flush=True)
+    runs["loqt_over_full_tokens_per_s"] = runs["loqt"]["tokens_per_s"] / runs["full"]["tokens_per_s"]
+    return runs
+
+
+def step_profile(check: Check) -> dict:
+    """One LoQT step (not a merge step) under torch.profiler: the top operators by self time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from loqt_ray.distributed import DeepSpeedEngine
+    from loqt_ray.trainer import Trainer
+
+    batch = 4 if check.cpu else 32
+    cfg = check.config(
+        "60m", f"train.micro_batch_size={batch}", "loqt.update_interval=100", "train.steps=100"
+    )
+    trainer = Trainer(cfg, make_engine=DeepSpeedEngine)
+    for _ in range(2):
+        trainer.train_step()  # the step-0 merge and a warm-up step
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        trainer.train_step()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    (check.out / "profile.txt").write_text(
+        f"{cfg.model.size} LoQT, micro-batch {batch}, sorted by {key}\n{table}\n"
+    )
+    syncs = [e for e in prof.key_averages() if "item" in e.key or "_local_scalar_dense" in e.key]
+    return {"sorted_by": key, "host_syncs_in_step": sum(e.count for e in syncs)}
+
+
+def step_train_1b(check: Check) -> dict:
+    import torch
+
+    from loqt_ray.memory import largest_trainer_batch
+
+    rank = "loqt.rank=32" if check.cpu else "loqt.rank=512"
+    cfg = check.config("1b", rank, "loqt.schedule=static", "loqt.update_interval=100")
+    budget = 1.0 if check.cpu else 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30
+    batch, _ = largest_trainer_batch(cfg, budget)
+    cfg.train.micro_batch_size = min(batch, 8) if check.cpu else batch
+    result = measure(cfg, 4 if check.cpu else 8)
+    return {"budget_gib": budget, "recommended_micro_batch": batch, **result}
+
+
+def step_train_7b(check: Check) -> dict:
+    from loqt_ray.config import read_yaml
+
+    job = read_yaml(ROOT / "jobs" / "train_7b_24gb.yaml")
+    settings = [f"{section}.{k}={v}" for section in ("loqt", "optim") for k, v in job[section].items()]
+    settings += ["train.master_weights=false", "scale.zero_stage=0", "loqt.update_interval=100"]
+    if check.cpu:
+        settings += ["loqt.rank=64", "train.micro_batch_size=2"]
+    else:
+        settings += [f"train.micro_batch_size={job['train']['micro_batch_size']}"]
+    return measure(check.config("7b", *settings), 3)
+
+
+def run_step(name: str, check: Check) -> None:
+    result = globals()[f"step_{name}"](check)
+    (check.work / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="the same steps on the CPU at tiny sizes")
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
+    ap.add_argument("--only", nargs="+", choices=list(STEPS), help="run these steps only")
+    ap.add_argument("--budget", type=float, default=450, help="seconds for all steps (GPU; doubled on CPU)")
+    ap.add_argument("--work", help="corpus, data cache and step results (default: a temporary folder)")
+    ap.add_argument("--run-step", choices=list(STEPS), help=argparse.SUPPRESS)  # one step, in a child
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # Only the results go under --out ($OUT comes back from the GPU machine, at most 8 files).
+    check = Check(args.cpu, out, Path(args.work or tempfile.mkdtemp(prefix="loqt-gpu-check-")).resolve())
+    check.work.mkdir(parents=True, exist_ok=True)
+    if args.run_step:
+        run_step(args.run_step, check)
+        return 0
+    results = {"mode": "cpu" if args.cpu else "gpu", "started": time.strftime("%F %T"), "steps": {}}
+    scale = 2 if args.cpu else 1  # 2 slow cores instead of an H200
+    deadline = time.perf_counter() + args.budget * scale
+    with open(out / "gpu_check.log", "w") as log:
+        for name, (limit, what) in STEPS.items():
+            if args.only and name not in args.only:
+                continue
+            limit = int(min(limit * scale, deadline - time.perf_counter()))
+            step = {"status": "skipped: out of time", "seconds": 0}
+            if limit >= 10:
+                print(f"[{time.strftime('%T')}] {name}: {what} (at most {limit} s)", flush=True)
+                step = run_child(name, check, limit, log)
+                print(f"    {step['status']} in {step['seconds']} s", flush=True)
+            results["steps"][name] = {**step, "what": what}
+            (out / "gpu_check.json").write_text(json.dumps(results, indent=1))  # kept if a later one hangs
+    if args.work is None:
+        shutil.rmtree(check.work, ignore_errors=True)
+    print(summary(results))
+    return 0 if all(s["status"] == "ok" for s in results["steps"].values()) else 1
+
+
+def run_child(name: str, check: Check, limit: int, log) -> dict:
+    """One step in its own process, its output in the log; its status, seconds and result."""
+    log.write(f"\n===== {name}\n")
+    log.flush()
+    cmd = [sys.executable, __file__, "--run-step", name, "--out", str(check.out), "--work", str(check.work)]
+    cmd += ["--cpu"] if check.cpu else []
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limit, env=env, cwd=ROOT)
+        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+    except subprocess.TimeoutExpired:
+        status = f"timed out after {limit} s"
+    step = {"status": status, "seconds": round(time.perf_counter() - start, 1)}
+    result_file = check.work / f"{name}.json"
+    if status == "ok" and result_file.exists():
+        step["result"] = json.loads(result_file.read_text())
+    return step
+
+
+def summary(results: dict) -> str:
+    """The table the README and the issue note quote."""
+    steps = results["steps"]
+    lines = ["| step | status | s | result |", "|---|---|---|---|"]
+    for name, step in steps.items():
+        r = step.get("result", {})
+        if name == "train_60m" and r:
+            text = (f"LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f}; merge share "
+                    f"{100 * r['loqt']['update_share']:.1f} %; peak/estimate full "
+                    f"{_ratio(r['full'])}, loqt {_ratio(r['loqt'])}")  # fmt: skip
+        elif name in ("train_1b", "train_7b") and r:
+            text = (
+                f"micro-batch {r['micro_batch']}, {r['tokens_per_s']:.0f} tokens/s, peak/estimate {_ratio(r)}"
+            )
+        elif name == "cuda_tests" and r:
+            text = r["summary"]
+        elif name == "env" and r:
+            text = f"{r['device']}, torch {r['versions']['torch']}"
+        else:
+            text = ", ".join(f"{k}={v}" for k, v in r.items()) if r else ""
+        lines.append(f"| {name} | {step['status']} | {step['seconds']} | {text} |")
+    return "\n".join(lines)
+
+
+def _ratio(run: dict) -> str:
+    ratio = run.get("peak_over_estimate")
+    return (
+        f"{ratio:.2f} ({run['peak_gib']:.2f} / {run['estimate_peak_gib']:.2f} GiB)" if ratio else "n/a (CPU)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU check in one call (bench/gpu_check.py says what each step shows). On the GPU machine,
+# from the repository root, with the wheels bench/gpu_wheels.sh put in .whl/ carried along:
+#   bench/gpu_check.sh            results under $OUT (or runs/gpu_check): gpu_check.json, .log,
+#                                 profile.txt
+#   bench/gpu_check.sh --cpu      the same steps on this machine's CPU at tiny sizes
+# Never waits for input; every step has its own timeout inside an overall budget of 450 s.
+set -u
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-runs/gpu_check}"
+mkdir -p "$OUT"
+if [ -x .venv/bin/python ]; then
+    PY=.venv/bin/python
+else
+    PY=python3
+    if ls .whl/*.whl >/dev/null 2>&1; then  # the GPU image lacks these packages; nothing downloads there
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            --no-build-isolation .whl/*.whl .whl/*.tar.gz >"$OUT/install.log" 2>&1 || echo "wheel install failed: $OUT/install.log"
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+fi
+export DS_BUILD_OPS=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+exec timeout 480 "$PY" bench/gpu_check.py --out "$OUT" "$@" </dev/null

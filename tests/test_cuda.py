@@ -1,0 +1,67 @@
+"""The CUDA path against the CPU one. Skipped without a GPU; bench/gpu_check.sh runs them there."""
+
+import copy
+
+import pytest
+import torch
+from conftest import nano_config
+from torch import nn
+
+from loqt_ray import LoQTLinear, checkpoint
+from loqt_ray.quant import NF4Tensor
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_nf4_quantized_on_cuda_matches_the_cpu_within_quantization_error():
+    w = torch.randn(256, 512) * 0.02
+    on_gpu, on_cpu = NF4Tensor(w.cuda()), NF4Tensor(w)
+    assert on_gpu.packed.is_cuda
+    error = (on_cpu.dequantize() - w).abs().max()
+    assert (on_gpu.dequantize().cpu() - on_cpu.dequantize()).abs().max() <= error
+    assert torch.allclose(on_cpu.to("cuda").dequantize().cpu(), on_cpu.dequantize(), atol=1e-6)
+
+
+def test_loqt_linear_forward_backward_merge_refresh_on_cuda_equals_the_cpu():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 192, bias=False)
+    cpu = LoQTLinear(linear, 16, lora_alpha=0.5, quantize_projection=True)
+    gpu = copy.deepcopy(cpu).to("cuda")
+    x = torch.randn(4, 32, 256)
+    outputs, grads = [], []
+    for layer, device in ((cpu, "cpu"), (gpu, "cuda")):
+        layer.start_capture()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = layer(x.to(device))
+        y.float().pow(2).mean().backward()
+        outputs.append(y.float().cpu())
+        grads.append(layer.B.grad.float().cpu())
+        with torch.no_grad():
+            layer.B.copy_(layer.update(None, layer.take_gradient(), 5))  # merge, refresh P, recompensate
+    assert torch.allclose(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)  # bf16 compute
+    assert torch.allclose(grads[0], grads[1], rtol=5e-2, atol=1e-3)
+    merged = [layer.dense_weight().cpu() + layer.delta().cpu() for layer in (cpu, gpu)]
+    assert (merged[0] - merged[1]).abs().max() < 2e-2 * merged[0].abs().max()
+
+
+def test_a_checkpoint_saved_on_the_gpu_loads_on_the_cpu(data_dir, tmp_path):
+    from loqt_ray.trainer import Trainer
+
+    def cfg(use_gpu):
+        return nano_config(data_dir, "train.steps=4", "loqt.update_interval=2", f"scale.use_gpu={use_gpu}")
+
+    gpu = Trainer(cfg(True))
+    assert gpu.device.type == "cuda"
+    for _ in range(2):
+        gpu.train_step()
+    checkpoint.write(tmp_path / "c", gpu.checkpointer.state(gpu.step, gpu.counters))
+    cpu = Trainer(cfg(False))
+    cpu.resume(checkpoint.read(tmp_path / "c" / checkpoint.STATE_FILE))
+    assert cpu.step == 2
+    for (name, a), b in zip(gpu.model.state_dict().items(), cpu.model.state_dict().values(), strict=True):
+        assert torch.equal(a.cpu(), b), name
+    gpu.train_step()  # and both go on
+    cpu.train_step()

@@ -1,0 +1,35 @@
+"""bench/gpu_check.sh --cpu: the GPU check's every step, on the CPU at tiny sizes, so the script
+the GPU machine runs in its one short call cannot rot between GPU runs."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bench/gpu_check.sh", "--cpu"], cwd=ROOT, env={**os.environ, "OUT": str(out)},
+        capture_output=True, text=True, timeout=840, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "gpu_check.json").read_text())
+    assert results["mode"] == "cpu"
+    steps = results["steps"]
+    assert list(steps) == ["env", "cuda_tests", "train_60m", "profile", "train_1b", "train_7b"]
+    assert all(step["status"] == "ok" for step in steps.values()), steps
+    assert "skipped" in steps["cuda_tests"]["result"]["summary"]  # no CUDA here: they skip, not fail
+    speed = steps["train_60m"]["result"]
+    assert speed["loqt"]["tokens_per_s"] > 0 and speed["loqt"]["updates_after_step_0"] == 1
+    assert speed["loqt_over_full_tokens_per_s"] > 0
+    assert steps["train_1b"]["result"]["recommended_micro_batch"] >= 1
+    assert "aten::mm" in (out / "profile.txt").read_text()
+    assert "| train_60m | ok |" in proc.stdout  # the summary table
+    assert len(list(out.iterdir())) <= 8  # what comes back from the GPU machine
