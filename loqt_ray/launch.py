@@ -83,8 +83,9 @@ def worker_loop(config: dict) -> None:
     import torch
 
     cfg = from_dict(Config, config["cfg"])
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scale.use_gpu else "cpu")
-    if not cfg.scale.use_gpu:
+    cuda = cfg.scale.use_gpu and torch.cuda.is_available()  # else the CPU fallback (trainer.py)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    if not cuda:
         torch.set_num_threads(max(1, round(cfg.scale.cpus_per_worker)))
     from .trainer import Trainer
 

@@ -214,6 +214,18 @@ def test_a_killed_worker_and_a_rerun_on_one_worker_resume_from_checkpoints_and_r
     # one worker sums the 8 sequences in another order than two workers' all-reduce: float noise only
     assert all(abs(got[s] - reference[s]) < 1e-4 for s in range(13, STEPS + 1)), (got, reference)
 
+    # The step-12 checkpoint (2 workers, ZeRO-2) exports to a plain transformers model.
+    from transformers import AutoModelForCausalLM
+
+    from loqt_ray.export_hf import export_hf, fold_loqt, load_trained
+
+    step_12 = next(c for c in run.glob("checkpoint_*") if read(c / "state.pt")["step"] == 12)
+    exported = AutoModelForCausalLM.from_pretrained(export_hf(step_12, tmp_path / "hf"))
+    folded = fold_loqt(load_trained(step_12)[1])
+    ids = torch.arange(64).reshape(2, 32)
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=ids).logits, folded(input_ids=ids).logits, atol=1e-5)
+
     # Resuming under another model shape is refused before any cluster work, run untouched.
     before = (run / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match="train.name"):

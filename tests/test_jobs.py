@@ -115,22 +115,32 @@ def test_job_submit_runs_a_sweep_and_exports_best_yaml(tmp_path):
             with pytest.raises(OSError):
                 socket.create_connection((external, dashboard), timeout=3).close()
 
-        job = ray(
-            "job",
-            "submit",
-            "--address",
-            f"http://127.0.0.1:{dashboard}",
-            "--working-dir",
-            ".",
-            "--runtime-env",
-            "jobs/runtime_env.yaml",
-            "--",
-            "loqt-ray",
-            "sweep",
-            "jobs/sweep.yaml",
-            *TINY,
-            timeout=780,
-        )
+        def submit():
+            return ray(
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dashboard}",
+                "--working-dir",
+                ".",
+                "--runtime-env",
+                "jobs/runtime_env.yaml",
+                "--",
+                "loqt-ray",
+                "sweep",
+                "jobs/sweep.yaml",
+                *TINY,
+                timeout=780,
+            )
+
+        # The head answers before its job agent has registered (slowly on a loaded 2-core machine);
+        # until then Ray refuses a submission, running nothing, with "No available agent to submit
+        # job, please try again later": so try again, a bounded number of times.
+        for _ in range(30):
+            job = submit()
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
         log = job.stdout + job.stderr
         assert job.returncode == 0 and "succeeded" in log, log[-4000:]
 

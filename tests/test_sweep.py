@@ -1,4 +1,3 @@
-import json
 from pathlib import Path
 
 import pytest
@@ -64,23 +63,11 @@ def test_sweep_file_errors_exit_2_before_a_cluster_starts(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2 and "no trial has started yet" in capsys.readouterr().err
 
 
-def most_at_once(rows) -> int:
-    """The most trials that ran at the same time, from Tune's result.json (whole seconds, so a trial
-    counts from 2 s after its start to 2 s before its end)."""
-    spans = []
-    for r in rows:
-        last = json.loads((Path(r["dir"]) / "result.json").read_text().splitlines()[-1])
-        spans.append((last["timestamp"] - last["time_total_s"], last["timestamp"]))
-    moments = [start + 2 for start, _ in spans]  # the busiest moment is just after some trial starts
-    return max(sum(1 for s, e in spans if s < t < e - 2) for t in moments)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
-    """A real sweep: local Ray, a grid beside sampled values, ASHA, 4 trials of 1 DeepSpeed worker each,
-    on a Ray that declares one GPU with trials asking half of it: two run at a time, each worker on
-    the CPU (torch has no CUDA here). (Optuna's TPE, used when a space has no grid, is in test_jobs.)"""
+    """A real sweep: local Ray, a grid beside sampled values, ASHA, 4 trials of 1 DeepSpeed worker each.
+    (Optuna's TPE, used when a space has no grid, runs in test_jobs.)"""
     import ray
 
     # A grid of a useful and a useless lr, twice: at least one useless trial must be stopped at the
@@ -96,7 +83,6 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
         name="t",
         storage_path=str(tmp_path / "sweeps"),
         num_samples=2,
-        max_concurrent_trials=4,  # the GPU, not this, limits the concurrency
         tokens_per_trial=8 * 64 * 24,
         eval_every_tokens=8 * 64 * 6,
         search_space=str(space),
@@ -105,12 +91,8 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
     spec["trial"]["model"] = {"size": "nano"}
     spec["trial"]["data"] = {"data_dir": data_dir, "vocab_size": 2048, "seq_len": 64}
     spec["trial"]["train"] = {"micro_batch_size": 8, "eval_tokens": 2048}
-    spec["trial"]["scale"].update(cpus_per_worker=0.5, use_gpu=True, gpus_per_worker=0.5)
+    spec["trial"]["scale"]["cpus_per_worker"] = 0.5
     path = write(tmp_path, "sweep.yaml", spec)
-    ray.init(
-        num_cpus=2, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )  # fmt: skip
     try:
         assert main(["sweep", str(path)]) == 0
         sweep_dir = tmp_path / "sweeps" / "t"
@@ -120,7 +102,6 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
         stopped = [r for r in rows if r["status"] == "stopped early"]
         assert stopped and all(r["params"]["optim.lr"] == 1e-5 and r["tokens"] < 8 * 64 * 24 for r in stopped)
         assert rows[0]["params"]["optim.lr"] == 1e-2
-        assert most_at_once(rows) == 2  # 0.5 GPU each on 1 GPU, though 4 CPUs' worth were free
         assert all(0 < r["tokens"] <= 8 * 64 * 24 for r in rows)
         assert rows[0]["val_ppl"] == min(r["val_ppl"] for r in rows)
         assert "| trial | status | tokens | val ppl |" in (sweep_dir / "leaderboard.md").read_text()
