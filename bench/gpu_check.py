@@ -31,6 +31,7 @@ STEPS = {
     "train_1b": (120, "1b LoQT at the estimator's largest micro-batch for this GPU"),
     "train_7b": (240, "jobs/train_7b_24gb.yaml: a few steps, peak memory vs estimate"),
 }
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 # the model sizes each step trains on a GPU, and on the CPU with --cpu
 SIZES = {"60m": "nano", "1b": "tiny", "7b": "small"}
 
@@ -265,11 +266,9 @@ def run_child(name: str, check: Check, limit: int, log) -> dict:
     log.flush()
     cmd = [sys.executable, __file__, "--run-step", name, "--out", str(check.out), "--work", str(check.work)]
     cmd += ["--cpu"] if check.cpu else []
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
+    # each step is its own one-process group: a parent's torch.distributed settings must not leak in
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limit, env=env, cwd=ROOT)

@@ -219,7 +219,7 @@ def test_a_killed_worker_and_a_rerun_on_one_worker_resume_from_checkpoints_and_r
 
     from loqt_ray.export_hf import export_hf, fold_loqt, load_trained
 
-    step_12 = next(c for c in run.glob("checkpoint_*") if read(c / "state.pt")["step"] == 12)
+    step_12 = next(c.parent for c in run.glob("checkpoint_*/state.pt") if read(c)["step"] == 12)
     exported = AutoModelForCausalLM.from_pretrained(export_hf(step_12, tmp_path / "hf"))
     folded = fold_loqt(load_trained(step_12)[1])
     ids = torch.arange(64).reshape(2, 32)
