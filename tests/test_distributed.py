@@ -200,6 +200,18 @@ def test_a_killed_worker_and_a_rerun_on_one_worker_resume_from_checkpoints_and_r
     assert [row["step"] for row in read_metrics(run)] == list(range(1, 13))  # steps 7-9 once
     assert read(latest(run) / "state.pt")["step"] == 12
 
+    # The step-12 checkpoint (2 workers, ZeRO-2) exports to a plain transformers model.
+    from transformers import AutoModelForCausalLM
+
+    from loqt_ray.export_hf import export_hf, fold_loqt, load_trained
+
+    step_12 = latest(run)
+    exported = AutoModelForCausalLM.from_pretrained(export_hf(step_12, tmp_path / "hf"))
+    folded = fold_loqt(load_trained(step_12)[1])
+    ids = torch.arange(64).reshape(2, 32)
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=ids).logits, folded(input_ids=ids).logits, atol=1e-5)
+
     # The same run again, without the stop, on one worker: it resumes from step 12 and says so.
     one = ("scale.num_workers=1", "train.micro_batch_size=8", "scale.zero_stage=0", "scale.cpus_per_worker=1")
     second = run_training(
@@ -213,18 +225,6 @@ def test_a_killed_worker_and_a_rerun_on_one_worker_resume_from_checkpoints_and_r
     assert all(abs(got[s] - reference[s]) < 1e-5 for s in range(1, 13))
     # one worker sums the 8 sequences in another order than two workers' all-reduce: float noise only
     assert all(abs(got[s] - reference[s]) < 1e-4 for s in range(13, STEPS + 1)), (got, reference)
-
-    # The step-12 checkpoint (2 workers, ZeRO-2) exports to a plain transformers model.
-    from transformers import AutoModelForCausalLM
-
-    from loqt_ray.export_hf import export_hf, fold_loqt, load_trained
-
-    step_12 = next(c.parent for c in run.glob("checkpoint_*/state.pt") if read(c)["step"] == 12)
-    exported = AutoModelForCausalLM.from_pretrained(export_hf(step_12, tmp_path / "hf"))
-    folded = fold_loqt(load_trained(step_12)[1])
-    ids = torch.arange(64).reshape(2, 32)
-    with torch.no_grad():
-        assert torch.allclose(exported(input_ids=ids).logits, folded(input_ids=ids).logits, atol=1e-5)
 
     # Resuming under another model shape is refused before any cluster work, run untouched.
     before = (run / "metrics.jsonl").read_text()
