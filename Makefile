@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup demo test test-fast lint format bench bench-asha clean
+.PHONY: setup demo test test-fast lint format bench bench-asha bench-quality clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 bench-asha: $(STAMP)
 	$(PY) bench/bench_asha.py
+
+# Each method at its own best lr (grid sweeps, two horizons): about an hour on 2 cores; resumable.
+bench-quality: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt galore-torch
+	$(PY) bench/bench_quality.py
 
 # What CI runs: the linter and formatter check, then every test (Ray, DeepSpeed and job tests included).
 test: $(STAMP) lint
