@@ -11,14 +11,11 @@ installed), then prints one table and writes bench/results/loqt.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
-from recipe import tiny_recipe
+from recipe import tiny_recipe, write_result
 
 from loqt_ray.config import load_config
 from loqt_ray.engine import PlainEngine, held_bytes, optimizer_tensors
@@ -105,19 +102,7 @@ def main() -> None:
             f"{state:.2f} |"
         )
     print("\n".join(table))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "settings": base,
-                "machine": f"{platform.machine()}, "
-                f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-                "rows": rows,
-                "table": table,
-            },
-            indent=1,
-        )
-    )
+    write_result(args.out, {"settings": base, "rows": rows, "table": table})
 
 
 if __name__ == "__main__":

@@ -10,12 +10,8 @@ bytes of weights and optimizer state each holds.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-from pathlib import Path
 
-import torch
-from recipe import tiny_recipe
+from recipe import tiny_recipe, write_result
 
 from loqt_ray.config import load_config
 from loqt_ray.trainer import train
@@ -49,11 +45,7 @@ def main() -> None:
             f"{r['optimizer_bytes'] / 2**20:.2f} |"
         )
     print("\n".join(lines))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    Path(args.out).write_text(
-        json.dumps({"settings": base, "machine": machine, "rows": rows, "table": lines}, indent=1)
-    )
+    write_result(args.out, {"settings": base, "rows": rows, "table": lines})
 
 
 if __name__ == "__main__":

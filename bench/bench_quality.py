@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from bench_loqt import GaLoreEngine
+from recipe import write_result
 
 from loqt_ray.config import DEFAULT_LR, load_config
 from loqt_ray.results import leaderboard
@@ -168,15 +167,13 @@ def main() -> None:
     result = {
         "settings": {"short_steps": args.short_steps, "factor": args.factor, "lrs": args.lrs, "seeds": SEEDS,
                      "trial": trial_base(SWEPT["loqt"]), "default_lr": DEFAULT_LR},
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "wall_s": time.perf_counter() - start,
         "horizons": horizons,
         "best_vs_best": {name: m["ratio"] for name, m in long.items()},
         "table": lines,
     }  # fmt: skip
     print("\n".join(lines))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,11 @@ each costs in perplexity and time.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-from recipe import tiny_recipe
+from recipe import tiny_recipe, write_result
 
 from loqt_ray.config import LINEAR_NAMES, load_config
 from loqt_ray.loqt import loqt_layers
@@ -126,14 +123,7 @@ def main() -> None:
             f"| {method} | {r['val_ppl']:.2f} | {ratio:.4f} | {100 * r['update_time_share']:.1f} % |"
         )
     print("\n".join(lines))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    Path(args.out).write_text(
-        json.dumps(
-            {"settings": base(args), "machine": machine, "angles": angles, "runs": runs, "table": lines},
-            indent=1,
-        )
-    )
+    write_result(args.out, {"settings": base(args), "angles": angles, "runs": runs, "table": lines})
 
 
 if __name__ == "__main__":
