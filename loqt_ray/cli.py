@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import results
-from .config import ConfigError, RunStopped, load_config
+from .config import ConfigError, RunStopped, load_config, read_yaml
 
 DESCRIPTION = """Pretrain LLaMA-style models with LoQT: weights in NF4, trained through low-rank
 factors that are merged back on a schedule. Training runs under Ray Train with DeepSpeed ZeRO
@@ -73,11 +73,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    from .sweep import dry_run, run_sweep
 
+    if args.dry_run:
+        print(dry_run(args.sweep_file, args.overrides))
+        return 0
     sweep_dir = run_sweep(args.sweep_file, args.overrides)  # validates everything before a cluster starts
     print((sweep_dir / results.LEADERBOARD_FILE).read_text(), end="")
-    print(f"sweep: {sweep_dir}  best config: {sweep_dir / results.BEST_FILE}")
+    _print_export(sweep_dir / results.BEST_FILE)
+    print(f"sweep: {sweep_dir}")
     return 0
 
 
@@ -86,10 +90,34 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if Path(args.output).exists() and not args.force:
         raise ConfigError(args.output, "exists; pass --force to overwrite it")
-    data = export(args.sweep_dir, args.output)
-    p = data["provenance"]
-    print(f"wrote {args.output}: trial {p['trial']} val_ppl {p['val_ppl']:.2f} after {p['tokens']:,} tokens")
+    export(args.sweep_dir, args.output)
+    _print_export(Path(args.output))
     return 0
+
+
+def _print_export(path: Path) -> None:
+    """What the export wrote: the best trial, what production changed, and whether the run fits."""
+    from . import memory
+
+    cfg, p = load_config(path), read_yaml(path)["provenance"]
+    print(f"wrote {path}: trial {p['trial']} val_ppl {p['val_ppl']:.2f} after {p['tokens']:,} tokens")
+    print("changed from the trial's config by the sweep's production section:")
+    for key, (was, now) in p["changed"].items():
+        why = ""
+        if key == "loqt.rank" and cfg.loqt.rank_fraction is not None:
+            why = f"  (loqt.rank_fraction {cfg.loqt.rank_fraction:g} of this model's hidden size)"
+        print(f"  {key}: {was} -> {now}{why}")
+    peak = memory.trainer_estimate(cfg).peak / memory.GIB
+    at = f"micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len}"
+    gib = cfg.scale.gpu_memory_gb
+    if gib is None:
+        print(f"memory: peak {peak:.1f} GiB per worker at {at}; set scale.gpu_memory_gb to check it fits")
+        return
+    largest, _ = memory.largest_trainer_batch(cfg, gib)
+    print(
+        f"memory on a {gib:g} GiB GPU (scale.gpu_memory_gb): peak {peak:.1f} GiB per worker at {at}: "
+        f"{'fits' if peak <= gib else 'does NOT fit'}; the largest micro-batch that fits is {largest}"
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -128,6 +156,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
         raise ConfigError("model.path", "the estimator needs a registry size (model.size), not a local model")
     from . import memory
 
+    if args.gpu_gb is None:  # the config's GPU, when it names one
+        args.gpu_gb = cfg.scale.gpu_memory_gb
     if args.gpu_gb is not None:  # a question about a GPU: estimate the run on one
         cfg.scale.use_gpu = True
     device = "a GPU" if cfg.scale.use_gpu else "the CPU"
@@ -213,7 +243,7 @@ def _add_memory_parser(sub) -> None:
         "--gpu-gb",
         type=float,
         help="estimate the run on a GPU and print the largest micro-batch whose refresh-step peak "
-        "fits this many GiB",
+        "fits this many GiB (default: scale.gpu_memory_gb, when set)",
     )
     p.set_defaults(func=cmd_memory)
 
@@ -237,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="Ray Tune + Optuna + ASHA over a search space; rerun to resume")
     p.add_argument("sweep_file", help="a sweep YAML such as jobs/sweep.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the validated space, trial count, token budget and resources, then exit (no Ray)",
+    )
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("export", help="write the best trial of a sweep as a production training config")
     p.add_argument("sweep_dir")

@@ -9,6 +9,7 @@ field and what is allowed. The CLI turns a ConfigError into one line and exit 2.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -108,6 +109,9 @@ class DataConfig:
 class LoQTConfig:
     method: Literal["loqt", "loqt-nq", "full"] = "loqt"
     rank: int = 32
+    # The rank as a share of the model's hidden size (0 < f <= 1), resolved per model: set, it decides
+    # loqt.rank, so a sweep's best value means the same on the production model's size.
+    rank_fraction: float | None = None
     lora_alpha: float = 0.5  # used as-is, not alpha / rank (as in the paper's code)
     targets: list[str] = field(default_factory=lambda: list(LINEAR_NAMES))
     quant_block_size: int = 64
@@ -175,6 +179,16 @@ class ScaleConfig:
     zero_stage: int = 2
     address: str | None = None  # an existing Ray cluster; None starts a local one
     max_failures: int = 0
+    # PACK fills a node before the next (Ray's default); SPREAD puts workers on different nodes
+    # where it can (one per node on a small cluster), and packs them where it cannot.
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    # After every merge the ranks are made to hold rank 0's W, quant state, P and B. checksum: compare
+    # one exact checksum per layer and broadcast only the layers that differ (with a warning);
+    # broadcast: send every layer from rank 0 each time (bench/bench_agreement.py measures both).
+    rank_agreement: Literal["checksum", "broadcast"] = "checksum"
+    # Each GPU's memory in GiB, when known: `loqt-ray export` and `loqt-ray memory` say whether the
+    # run fits it and the largest micro-batch that does.
+    gpu_memory_gb: float | None = None
 
 
 @dataclass
@@ -543,10 +557,36 @@ def _validate_scale(scale: ScaleConfig) -> None:
     )
     _require(scale.cpus_per_worker > 0, "scale.cpus_per_worker", f"must be > 0 (got {scale.cpus_per_worker})")
     _require(scale.max_failures >= -1, "scale.max_failures", f"must be >= -1 (got {scale.max_failures})")
+    _require(
+        scale.gpu_memory_gb is None or scale.gpu_memory_gb > 0,
+        "scale.gpu_memory_gb",
+        f"must be > 0 GiB (got {scale.gpu_memory_gb})",
+    )
+
+
+def hidden_size(model: ModelConfig) -> int:
+    """The model's hidden width: the registry's, or the local model's config.json."""
+    if model.path is None:
+        return MODEL_SIZES[model.size].hidden
+    try:
+        return int(json.loads((Path(model.path) / "config.json").read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError("model.path", f"no readable hidden_size in its config.json ({exc})") from None
+
+
+def _resolve_rank(cfg: Config) -> None:
+    """loqt.rank from loqt.rank_fraction of this model's hidden size, when the fraction is set."""
+    fraction = cfg.loqt.rank_fraction
+    if fraction is None:
+        return
+    _require(0 < fraction <= 1, "loqt.rank_fraction", f"must be in (0, 1] (got {fraction})")
+    cfg.loqt.rank = max(1, round(fraction * hidden_size(cfg.model)))
 
 
 def validate(cfg: Config) -> None:
+    """Check every field; also resolves loqt.rank from loqt.rank_fraction for this model."""
     _validate_model(cfg.model)
+    _resolve_rank(cfg)
     _validate_data(cfg.data, cfg.model.max_position_embeddings)
     validate_loqt(cfg.loqt)
     shape = MODEL_SIZES.get(cfg.model.size) if cfg.model.path is None else None

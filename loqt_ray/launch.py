@@ -16,7 +16,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from . import checkpoint, results
@@ -26,14 +25,13 @@ from .config import Config, ConfigError, RunStopped, from_dict
 class _RankZeroLog:
     """metrics.jsonl and TensorBoard, written by rank 0 only."""
 
-    def __init__(self, out: Path, rank: int, resumed_step: int | None):
+    def __init__(self, out: Path, rank: int, resumed_step: int):
         self.enabled = rank == 0
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        if resumed_step is not None:  # after a restart the steps past the checkpoint are logged again
-            results.truncate_metrics(out, resumed_step)
+        results.truncate_metrics(out, resumed_step)
         self.writer = SummaryWriter(str(out / results.TENSORBOARD_DIR))
         self.file = open(out / results.METRICS_FILE, "a")
 
@@ -52,18 +50,50 @@ class _RankZeroLog:
             self.file.close()
 
 
-def _resume_state(resume_from: str | None) -> dict | None:
-    """After a worker failure Ray hands back the latest reported checkpoint; on a rerun of the
-    command the driver names the run's latest one (Train V2 has no resume_from_checkpoint)."""
-    import ray.train
+def _resume_state(run_dir: Path, rank: int, world_size: int) -> dict | None:
+    """The state every rank goes on from: rank 0 picks the run directory's newest readable
+    checkpoint and the others load the same one. The directory, not Ray's record, is the source:
+    after a lost worker Ray may restart the group before it registered the last checkpoint rank 0
+    wrote, and a rerun of the command finds it there too (Train V2 has no resume_from_checkpoint)."""
+    import torch.distributed
 
-    reported = ray.train.get_checkpoint()
-    if reported is not None:
-        with reported.as_directory() as d:
-            return checkpoint.read(Path(d) / checkpoint.STATE_FILE)
-    if resume_from:
-        return checkpoint.read(Path(resume_from) / checkpoint.STATE_FILE)
-    return None
+    chosen, state = [None], None
+    if rank == 0:
+        for directory in sorted(run_dir.glob("checkpoint_*"), key=checkpoint.step_of, reverse=True):
+            try:
+                state = checkpoint.read(directory / checkpoint.STATE_FILE)
+            except ConfigError:  # cut short while being written when its worker died: the one before
+                continue
+            chosen = [str(directory)]
+            break
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None or state is not None:
+        return state
+    path = Path(chosen[0]) / checkpoint.STATE_FILE
+    if not path.exists():
+        raise ConfigError(
+            "train.output_dir", f"rank {rank} cannot read {path}: it must be on storage every node mounts"
+        )
+    return checkpoint.read(path)
+
+
+def _record_placement(out: Path, rank: int, world_size: int) -> None:
+    """Rank 0 appends where every rank runs (node, host, pid) to the run's workers.jsonl, gathered
+    over the process group."""
+    import socket
+
+    import ray
+    import torch.distributed
+
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+          "pid": os.getpid()}  # fmt: skip
+    everyone = [me]
+    if world_size > 1:
+        everyone = [None] * world_size
+        torch.distributed.all_gather_object(everyone, me)
+    if rank == 0:
+        results.record_workers(out, everyone)
 
 
 def engine_for(cfg: Config):
@@ -91,11 +121,13 @@ def worker_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    _record_placement(Path(config["run_dir"]), rank, ctx.get_world_size())
     trainer = Trainer(cfg, rank, ctx.get_world_size(), engine_for(cfg))
-    state = _resume_state(config["resume_from"])
+    state = _resume_state(Path(config["run_dir"]), rank, ctx.get_world_size())
     if state is not None:
         trainer.resume(state)
-    log = _RankZeroLog(Path(config["run_dir"]), rank, trainer.step if state is not None else None)
+    # rank 0 drops any logged steps past where the group (re)starts: they are logged again
+    log = _RankZeroLog(Path(config["run_dir"]), rank, trainer.step)
     pending: list[str] = []  # a checkpoint written by save(), handed to Ray with its step's report
 
     def save(state: dict) -> None:
@@ -155,22 +187,21 @@ def check_resources(scale, extra_cpu: float = 0.0) -> None:
             )
 
 
-def make_trainer(cfg: Config, out: Path, resume_from: Path | None, callbacks: list = ()):
+def make_trainer(cfg: Config, out: Path, callbacks: list = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scale = cfg.scale
     resources = {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
-    loop_config = {
-        "cfg": cfg.to_dict(),
-        "run_dir": str(out),
-        "resume_from": str(resume_from) if resume_from else None,
-    }
+    loop_config = {"cfg": cfg.to_dict(), "run_dir": str(out)}
     return TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=scale.num_workers, use_gpu=scale.use_gpu, resources_per_worker=resources
+            num_workers=scale.num_workers,
+            use_gpu=scale.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scale.placement_strategy,
         ),
         torch_config=TorchConfig(backend=_backend(scale.use_gpu)),
         run_config=RunConfig(
@@ -212,7 +243,7 @@ def resume_point(cfg: Config, out: Path) -> Path | None:
     return latest
 
 
-def _stopped_reason(exc: Exception) -> str | None:
+def stopped_reason(exc: Exception) -> str | None:
     """The one line of a non-finite loss (the user's to fix: lr, warmup) inside Ray's error."""
     for failure in (getattr(exc, "worker_failures", None) or {}).values():
         if isinstance(failure, FloatingPointError):
@@ -220,9 +251,46 @@ def _stopped_reason(exc: Exception) -> str | None:
     return None
 
 
+def lost_workers_reason(exc: Exception, cfg: Config, out: Path) -> str | None:
+    """One line for a run whose workers were lost (their node or process died) once
+    scale.max_failures restarts were spent: which ranks, on which nodes, and how to resume."""
+    import ray.exceptions
+
+    def cause(failure: Exception) -> Exception | None:
+        """The dead or unreachable worker behind a failure: Ray's own error, or the one Ray Train's
+        health check wrapped."""
+        for candidate in (failure, getattr(failure, "health_check_failure", None)):
+            if isinstance(candidate, ray.exceptions.RayActorError):
+                return candidate
+        return None
+
+    failures = getattr(exc, "worker_failures", None) or {}
+    lost = sorted(rank for rank, f in failures.items() if cause(f) is not None)
+    if not lost:
+        return None
+    placed = {row["rank"]: row for row in results.read_workers(out)}  # the last start's placement
+    where = ", ".join(
+        f"rank {r} on node {placed[r]['node_id'][:12]} ({placed[r]['host']})" if r in placed else f"rank {r}"
+        for r in lost
+    )
+    first = str(cause(failures[lost[0]])).strip().splitlines()[0][:160]
+    saved = checkpoint.latest(out)
+    scale = cfg.scale
+    need = f"{scale.num_workers} workers x {scale.cpus_per_worker:g} CPU" + (
+        f" + {scale.gpus_per_worker:g} GPU" if scale.use_gpu else ""
+    )
+    return (
+        f"lost {where} ({first}) after {scale.max_failures} restart(s) allowed by scale.max_failures; "
+        + (f"the last checkpoint is step {checkpoint.step_of(saved)}: " if saved else "no checkpoint yet: ")
+        + f"rerun the same command to resume once the cluster has {need} free "
+        "(or fewer with --set scale.num_workers=N)"
+    )
+
+
 def run_training(cfg: Config, progress: bool = True) -> dict:
     """Train under Ray; a second call with the same run name resumes. Returns the last metrics."""
     from .data import prepare
+    from .progress import RunProgress, console_to_log
 
     out = results.run_dir(cfg)
     resume_from = resume_point(cfg, out)
@@ -234,69 +302,16 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
             f"resuming {cfg.train.name} from step {checkpoint.step_of(resume_from)} ({resume_from})",
             file=sys.stderr,
         )
-    start_ray(cfg.scale.address)
-    check_resources(cfg.scale)
-    with _Progress(out, cfg.train.steps, cfg.train.name, progress):
-        try:
-            make_trainer(cfg, out, resume_from).fit()
-        except Exception as exc:
-            reason = _stopped_reason(exc)
-            if reason is None:
-                raise
-            raise RunStopped(reason) from None
+    print(f"{cfg.train.name}: Ray's own messages go to {out / results.RAY_LOG}", file=sys.stderr, flush=True)
+    with console_to_log(out / results.RAY_LOG) as console:
+        start_ray(cfg.scale.address)
+        check_resources(cfg.scale)
+        with RunProgress(out, cfg.train.steps, cfg.train.name, progress, console):
+            try:
+                make_trainer(cfg, out).fit()
+            except Exception as exc:
+                reason = stopped_reason(exc) or lost_workers_reason(exc, cfg, out)
+                if reason is None:
+                    raise
+                raise RunStopped(reason) from None
     return results.read_metrics(out)[-1]
-
-
-class _Progress:
-    """A tqdm bar over the run's steps, moved by a thread that tails metrics.jsonl (new bytes only).
-    After a worker failure Ray restarts the group from its last checkpoint: said in one line."""
-
-    def __init__(self, out: Path, total: int, name: str, enabled: bool):
-        from tqdm import tqdm
-
-        self.path = out / results.METRICS_FILE
-        previous = results.read_metrics(out)
-        self.bar = tqdm(
-            total=total,
-            initial=previous[-1]["step"] if previous else 0,
-            desc=name,
-            unit="step",
-            dynamic_ncols=True,
-            disable=not enabled,
-        )
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._follow, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-        self.bar.close()
-
-    def _show(self, metrics: dict) -> None:
-        self.bar.update(metrics["step"] - self.bar.n)
-        shown = {"loss": f"{metrics['train_loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
-        if "val_ppl" in metrics:
-            shown["ppl"] = f"{metrics['val_ppl']:.1f}"
-        self.bar.set_postfix(shown)
-
-    def _follow(self) -> None:
-        offset = self.path.stat().st_size if self.path.exists() else 0
-        while True:
-            stopping = self.done.wait(0.5)
-            if self.path.exists():
-                if self.path.stat().st_size < offset:  # rank 0 cut the steps it will redo: read it anew
-                    self.bar.write("workers restarted from the last checkpoint")
-                    offset = 0
-                with open(self.path) as f:
-                    f.seek(offset)
-                    lines = f.readlines()
-                complete = [line for line in lines if line.endswith("\n")]  # a half-written line waits
-                offset += sum(len(line.encode()) for line in complete)
-                for metrics in map(json.loads, complete):
-                    self._show(metrics)
-            if stopping:
-                return

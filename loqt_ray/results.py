@@ -5,9 +5,11 @@ A run directory (`train.output_dir/train.name`) holds
     metrics.jsonl    one JSON object per logged step, written by rank 0, each step once
     tokenizer/       the tokenizer it trained with (export-hf needs nothing else)
     tensorboard/     TensorBoard events
+    workers.jsonl    where each worker ran, one line per rank per (re)start
+    ray.log          Ray's own console output while the run worked
     checkpoint_*/    checkpoints (checkpoint.py)
 A sweep directory (`sweep.storage_path/sweep.name`) holds sweep.yaml (as run),
-search_space.yaml, one Tune directory per trial with its run in `train/`,
+search_space.yaml, ray.log, one Tune directory per trial with its run in `train/`,
 leaderboard.md, best.yaml and report/.
 
 No Ray here: sweep.py and report.py both read results through this module.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import yaml
@@ -27,6 +30,8 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 TOKENIZER_DIR = "tokenizer"
 TENSORBOARD_DIR = "tensorboard"
+WORKERS_FILE = "workers.jsonl"
+RAY_LOG = "ray.log"  # Ray's (and Tune's, Optuna's) own console output while a run or sweep works
 TRIAL_RUN = "train"  # the run inside each trial directory
 SWEEP_FILE = "sweep.yaml"
 SPACE_FILE = "search_space.yaml"
@@ -71,8 +76,22 @@ def truncate_metrics(out: Path, step: int) -> None:
         path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
+def record_workers(out: Path, workers: list[dict]) -> None:
+    """Where each rank runs, one line per rank, appended at each (re)start of the worker group."""
+    start = time.time()
+    with open(Path(out) / WORKERS_FILE, "a") as f:
+        f.writelines(json.dumps({**w, "time": start}) + "\n" for w in workers)
+
+
+def read_workers(out: Path) -> list[dict]:
+    path = Path(out) / WORKERS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def _trial_id(trial_dir: Path) -> str:
-    match = re.search(r"_([0-9a-f]{8})_\d+_", trial_dir.name)
+    # Tune names trials <trainable>_<id>_<index>_..., the id 8 hex digits (a searcher's trials) or
+    # 5 hex digits and a 5-digit number (a grid's); the display and the leaderboard use the same id.
+    match = re.search(r"_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_\d+_", trial_dir.name)
     return match.group(1) if match else trial_dir.name
 
 

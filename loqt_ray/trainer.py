@@ -103,6 +103,55 @@ def merge_and_refresh(
         engine.set_param(layer.B, layer.update(b, None, compensation_iters, projection=projection))
 
 
+def _fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """An exact-bits checksum: the int64 sum of every tensor's 32-bit words (bytes where the size is
+    not a multiple of 4). Drift between ranks changes values, which changes the sum."""
+    total = torch.zeros((), dtype=torch.int64, device=tensors[0].device)
+    for t in tensors:
+        flat = t.detach().contiguous().view(-1)
+        words = (
+            flat.view(torch.int32) if flat.numel() * flat.element_size() % 4 == 0 else flat.view(torch.uint8)
+        )
+        total += words.sum(dtype=torch.int64)
+    return total
+
+
+def _merged_state(layer, engine: Engine) -> list[torch.Tensor]:
+    """What a merge leaves on each rank: W (NF4 bytes and quant state, or dense), P, and B's value."""
+    return [*layer.buffers(), engine.full_precision(layer.B)]
+
+
+def _broadcast_layer(layer, engine: Engine) -> None:
+    for buffer in layer.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+    b = engine.full_precision(layer.B).contiguous().clone()
+    torch.distributed.broadcast(b, src=0)
+    engine.set_param(layer.B, b)
+
+
+def agree_with_rank_zero(named_layers, engine: Engine, how: str) -> list[str]:
+    """After a merge, make every rank hold rank 0's merged state. It is computed on each rank from the
+    all-reduced gradient and agrees only while SVD and quantization are bit-identical everywhere
+    (different GPUs, drivers or library builds break that). `broadcast` sends every layer;
+    `checksum` compares one checksum per layer and sends only the layers that differ, whose names
+    it returns. Every rank takes the same path, so the collectives match."""
+    if how == "broadcast":
+        for _, layer in named_layers:
+            _broadcast_layer(layer, engine)
+        return []
+    local = torch.stack([_fingerprint(_merged_state(layer, engine)) for _, layer in named_layers])
+    reference = local.clone()
+    torch.distributed.broadcast(reference, src=0)
+    differs = (local != reference).to(torch.int64)
+    torch.distributed.all_reduce(differs, op=torch.distributed.ReduceOp.MAX)
+    repaired = []
+    for (name, layer), bad in zip(named_layers, differs.tolist(), strict=True):
+        if bad:
+            _broadcast_layer(layer, engine)
+            repaired.append(name)
+    return repaired
+
+
 def all_reduce_sum(values: list[float], device: torch.device, world_size: int) -> list[float]:
     if world_size == 1:
         return values
@@ -136,7 +185,8 @@ class Trainer:
         if not cfg.train.master_weights:  # 16-bit mode: NF4 buffers keep their own dtypes (quant.py)
             self.model.to(torch.bfloat16)
         self.model.train()
-        self.layers = [layer for _, layer in loqt_layers(self.model)]
+        self.named_layers = loqt_layers(self.model)
+        self.layers = [layer for _, layer in self.named_layers]
         self.schedule = UpdateSchedule(cfg.loqt, cfg.train.steps)
         self.engine: Engine = make_engine(self.model, cfg)
         # bf16 compute with fp32 parameters (the optimizer keeps full-precision values); in the
@@ -152,7 +202,7 @@ class Trainer:
         train = cfg.train
         self.tokens_per_step = train.micro_batch_size * train.grad_accum * world_size * cfg.data.seq_len
         self.step = 0
-        self.counters = {"train_time": 0.0, "update_time": 0.0, "updates": 0}
+        self.counters = {"train_time": 0.0, "update_time": 0.0, "updates": 0, "agree_time": 0.0, "repairs": 0}
         self.lr = 0.0
         # Summed on the device and read once per log: no host sync per micro-batch.
         self._loss_sum = torch.zeros((), device=self.device)
@@ -160,7 +210,8 @@ class Trainer:
         self._grad_norm: torch.Tensor | None = None
 
     def resume(self, state: dict) -> None:
-        self.step, self.counters = self.checkpointer.restore(state)
+        self.step, counters = self.checkpointer.restore(state)
+        self.counters.update(counters)  # a counter newer than the checkpoint starts at zero
 
     def train_step(self) -> None:
         """One optimizer step: gradient capture on refresh steps, the micro-batches, the engine's
@@ -189,8 +240,22 @@ class Trainer:
             )
             self.counters["update_time"] += time.perf_counter() - update_start
             self.counters["updates"] += 1
+            if self.world_size > 1:
+                self._agree(step + 1)
         self.counters["train_time"] += time.perf_counter() - start
         self.step += 1
+
+    def _agree(self, step: int) -> None:
+        start = time.perf_counter()
+        repaired = agree_with_rank_zero(self.named_layers, self.engine, self.cfg.scale.rank_agreement)
+        self.counters["agree_time"] += time.perf_counter() - start
+        self.counters["repairs"] += len(repaired)
+        if repaired and self.rank == 0:
+            print(
+                f"warning: after the merge of step {step} rank(s) differed from rank 0 in "
+                f"{', '.join(repaired)}; rank 0's W, P and B were broadcast to every rank",
+                file=sys.stderr,
+            )
 
     def train_metrics(self) -> dict:
         """Metrics since the last call, averaged over steps and ranks (a host sync, and a collective)."""
@@ -211,6 +276,9 @@ class Trainer:
             "updates": self.counters["updates"],
             "update_time_share": self.counters["update_time"] / train_time,
         }
+        if self.world_size > 1:  # the rank-agreement check: its time, and layers it had to repair
+            metrics["agree_time_s"] = self.counters["agree_time"]
+            metrics["rank_repairs"] = self.counters["repairs"]
         if self._grad_norm is not None:
             metrics["grad_norm"] = float(self._grad_norm)  # of the last step, before clipping
         return metrics

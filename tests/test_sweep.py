@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -65,9 +66,9 @@ def test_sweep_file_errors_exit_2_before_a_cluster_starts(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
+def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
     """A real sweep: local Ray, a grid beside sampled values, ASHA, 4 trials of 1 DeepSpeed worker each.
-    (Optuna's TPE, used when a space has no grid, runs in test_jobs.)"""
+    (Optuna's TPE, used when a space has no grid, runs in test_cluster's sweep job.)"""
     import ray
 
     # A grid of a useful and a useless lr, twice: at least one useless trial must be stopped at the
@@ -97,9 +98,19 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir):
         assert main(["sweep", str(path)]) == 0
         sweep_dir = tmp_path / "sweeps" / "t"
         rows = leaderboard(sweep_dir)
+        # The live display: the plan at once, a status line and a line per trial that ended; Ray's
+        # own banners and warnings went to ray.log instead of the console.
+        console = capfd.readouterr().err
+        assert console.startswith("t: 4 trials of 12,288 tokens, 2 at a time, ASHA from 3,072 tokens")
+        assert "of 4 trials |" in console and "best val ppl" in console
+        stopped = [r for r in rows if r["status"] == "stopped early"]
+        for r in rows:
+            ended = "stopped early by ASHA at" if r in stopped else "completed: val ppl"
+            assert f"trial {r['trial']} {ended}" in console
+        assert "Configuration for experiment" not in console
+        assert "Configuration for experiment" in (sweep_dir / "ray.log").read_text()
         assert len(rows) == 4 and all(r["status"] in ("completed", "stopped early") for r in rows)
         assert sorted(r["params"]["optim.lr"] for r in rows) == [1e-5, 1e-5, 1e-2, 1e-2]
-        stopped = [r for r in rows if r["status"] == "stopped early"]
         assert stopped and all(r["params"]["optim.lr"] == 1e-5 and r["tokens"] < 8 * 64 * 24 for r in stopped)
         assert rows[0]["params"]["optim.lr"] == 1e-2
         assert all(0 < r["tokens"] <= 8 * 64 * 24 for r in rows)
@@ -144,3 +155,108 @@ def test_asha_settings_are_not_checked_when_asha_is_off(tmp_path):
     spec["asha"]["enabled"] = True
     with pytest.raises(ConfigError, match="asha.grace_period_tokens"):
         load_sweep(write(tmp_path, "sweep.yaml", spec))
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, capsys):
+    import ray
+
+    args = [
+        "sweep",
+        str(ROOT / "jobs" / "sweep.yaml"),
+        "--dry-run",
+        "--set",
+        f"sweep.storage_path={tmp_path}/s",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "loqt.rank_fraction       choice [0.0625, 0.125, 0.25]" in out
+    assert "trials: 6 (num_samples 6 x 1 grid points; Optuna TPE, seed 0), 2 at a time" in out
+    assert "tokens per trial: 245,760 (240 steps of 1,024)" in out
+    assert "tokens without early stopping: 1,474,560" in out
+    assert "tokens with ASHA" in out and "each trial asks for 1 CPU" in out
+    assert not ray.is_initialized() and not (tmp_path / "s").exists()
+    grid = ["--set", "sweep.num_samples=2", "--set", "trial.scale.use_gpu=true", "--set",
+            "trial.scale.gpus_per_worker=0.5"]  # fmt: skip
+    space = write(tmp_path, "space.yaml", {"params": {"optim.lr": {"grid": [1e-3, 1e-2, 3e-2]}}})
+    assert main([*args, *grid, "--set", f"sweep.search_space={space}"]) == 0
+    out = capsys.readouterr().out
+    assert "trials: 6 (num_samples 2 x 3 grid points; Tune's grid" in out
+    assert "each trial asks for 1 CPU + 0.5 GPU" in out and "2 at a time: 2 CPU + 1 GPU" in out
+
+
+def _fake_finished_sweep(tmp_path, values: dict) -> Path:
+    """A sweep directory as a finished sweep leaves it, with one trial trained on `values`."""
+    from loqt_ray.results import write_config
+    from loqt_ray.sweep import load_sweep, trial_config
+
+    spec = yaml.safe_load((ROOT / "jobs" / "sweep.yaml").read_text())
+    spec["sweep"]["search_space"] = str(ROOT / "search_spaces" / "cpu_tiny.yaml")
+    sweep_dir = tmp_path / "sweeps" / "demo-sweep"
+    sweep_dir.mkdir(parents=True)
+    write(sweep_dir, "sweep.yaml", spec)
+    sweep, base, _ = load_sweep(sweep_dir / "sweep.yaml")
+    trial_dir = sweep_dir / "run_trial_0123abcd_1_loqt_rank_fraction=0.1250_2026-11-30_10-00-00"
+    cfg = trial_config(base, values, sweep, trial_dir)
+    write_config(trial_dir / "train", cfg)
+    row = {"step": cfg.train.steps, "tokens": 245760, "val_ppl": 240.5}
+    (trial_dir / "train" / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (trial_dir / "params.json").write_text(json.dumps(values))
+    return sweep_dir
+
+
+def test_export_resolves_a_relative_rank_on_the_production_model_and_says_what_changed(tmp_path, capsys):
+    sweep_dir = _fake_finished_sweep(tmp_path, {"loqt.rank_fraction": 0.125, "optim.lr": 0.004})
+    assert (
+        yaml.safe_load((next(sweep_dir.glob("run_trial_*")) / "train" / "config.yaml").read_text())["loqt"][
+            "rank"
+        ]
+        == 16
+    )  # 0.125 of the tiny model's 128
+    out = tmp_path / "best.yaml"
+    assert main(["export", str(sweep_dir), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    best = load_config(out)
+    assert best.model.size == "60m" and best.loqt.rank == 64 and best.optim.lr == 0.004  # 0.125 of 512
+    assert "  loqt.rank: 16 -> 64  (loqt.rank_fraction 0.125 of this model's hidden size)" in printed
+    assert "  model.size: tiny -> 60m" in printed and "optim.lr" not in printed
+    assert "memory on a 24 GiB GPU (scale.gpu_memory_gb): peak" in printed and ": fits;" in printed
+    changed = yaml.safe_load(out.read_text())["provenance"]["changed"]
+    assert changed["loqt.rank"] == [16, 64] and "loqt.rank_fraction" not in changed
+
+    # On a GPU too small for it the export says so, with the micro-batch that would fit.
+    spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    spec["production"]["scale"]["gpu_memory_gb"] = 1
+    write(sweep_dir, "sweep.yaml", spec)
+    assert main(["export", str(sweep_dir), "-o", str(out), "--force"]) == 0
+    assert ": does NOT fit; the largest micro-batch that fits is " in capsys.readouterr().out
+
+
+def test_rank_fraction_is_checked_and_resolved_per_model():
+    assert load_config(None, ["loqt.rank_fraction=0.25"]).loqt.rank == 32
+    assert load_config(None, ["loqt.rank_fraction=0.25", "model.size=1b"]).loqt.rank == 512
+    with pytest.raises(ConfigError, match=r"loqt.rank_fraction: must be in \(0, 1\]"):
+        load_config(None, ["loqt.rank_fraction=1.5"])
+
+
+def test_sweep_display_counts_trials_tokens_and_the_best(monkeypatch):
+    import io
+
+    from loqt_ray import progress
+
+    stream = io.StringIO()
+    display = progress.SweepProgress("demo", 6, 100_000, stream)
+    display.update({"a": ("running", 20_000, float("inf"))})
+    assert (
+        "0 done, 1 running, 0 stopped early, 0 failed of 6 trials | 20k of 600k tokens" in stream.getvalue()
+    )
+    assert "no evaluation yet" in stream.getvalue()
+    display.update({"a": ("running", 40_000, 300.0)})  # within LOG_EVERY_S: nothing new printed
+    assert stream.getvalue().count("\n") == 1
+    states = {"a": ("completed", 100_000, 240.5), "b": ("stopped early", 40_000, 400.0),
+              "c": ("failed", 0, float("inf")), "d": ("running", 60_000, 260.0)}  # fmt: skip
+    display.event("trial b stopped early by ASHA")
+    display.update(states, force=True)
+    last = stream.getvalue().splitlines()[-1]
+    assert "demo: 1 done, 1 running, 1 stopped early, 1 failed of 6 trials | 200k of 600k tokens" in last
+    assert "best val ppl 240.50 (a)" in last and "elapsed, at most ~" in last
+    assert "demo: trial b stopped early by ASHA" in stream.getvalue()

@@ -1,0 +1,395 @@
+"""A small cluster for real: ranks that agree after merges, two Ray nodes on this machine, lost nodes."""
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import nano_config
+
+from loqt_ray.checkpoint import latest, step_of
+from loqt_ray.distributed import free_port
+from loqt_ray.results import leaderboard, read_metrics, read_workers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _state_digest(trainer) -> str:
+    h = hashlib.sha256()
+    for _, layer in trainer.named_layers:
+        for t in [*layer.buffers(), trainer.engine.full_precision(layer.B)]:
+            h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _agreement_worker(rank: int, port: int, data_dir: str, queue) -> None:
+    """Two gloo ranks build the same model; rank 1's P (and so its W after a merge) drifts in one
+    layer, as a different SVD build would make it; then the ranks are made to agree, each way."""
+    from loqt_ray.trainer import Trainer, agree_with_rank_zero
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        trainer = Trainer(nano_config(data_dir, "loqt.update_interval=2"), rank, 2)
+        name, layer = trainer.named_layers[3]
+        for how in ("checksum", "broadcast"):
+            if rank == 1:
+                with torch.no_grad():
+                    p = layer.projection_matrix()
+                    layer.projection_q.quantize_(p + 0.01 * torch.randn_like(p))
+            before = _state_digest(trainer)
+            repaired = agree_with_rank_zero(trainer.named_layers, trainer.engine, how)
+            queue.put((how, rank, name, before, repaired, _state_digest(trainer)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_ranks_that_drifted_after_a_merge_are_repaired_from_rank_zero(data_dir, sotu):
+    ctx = multiprocessing.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_agreement_worker, args=(r, port, data_dir, queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        results = sorted(queue.get(timeout=200) for _ in range(4))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for how in ("broadcast", "checksum"):
+        (_, _, name, before0, repaired0, after0), (_, _, _, before1, repaired1, after1) = [
+            r for r in results if r[0] == how
+        ]
+        assert before0 != before1  # the drift is real: the ranks held different P
+        assert after0 == after1 == before0  # every rank now holds rank 0's state, rank 0's unchanged
+        # checksum sends only the layer that differed, and names it; broadcast sends all, names none
+        assert repaired0 == repaired1 == ([name] if how == "checksum" else [])
+
+
+# ---------------------------------------------------------------- two Ray nodes on this machine
+
+BIN = Path(sys.executable).parent  # the venv whose `ray` and `loqt-ray` the nodes and drivers run
+NANO = ["model.size=nano", "data.vocab_size=2048", "data.seq_len=64", "loqt.rank=8", "loqt.update_interval=3",
+        "loqt.schedule=static", "optim.lr=3e-3", "optim.warmup_steps=2", "train.micro_batch_size=4",
+        "train.eval_tokens=1024", "train.log_every=1", "scale.num_workers=2", "scale.cpus_per_worker=0.5",
+        "scale.placement_strategy=SPREAD"]  # fmt: skip
+
+
+def processes_under(temp_dir: str) -> list[int]:
+    """PIDs of the Ray processes a node started (their command lines name its temp dir)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and temp_dir in (proc / "cmdline").read_bytes().decode(errors="ignore"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_under(temp_dir: str, sig: int = signal.SIGKILL, wait: float = 20) -> None:
+    """Signal only this node's processes (`ray stop` would stop every Ray on the machine)."""
+    for pid in processes_under(temp_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    deadline = time.time() + wait
+    while processes_under(temp_dir) and time.time() < deadline:
+        time.sleep(0.5)
+
+
+def wait_for(what: str, check, timeout: float, every: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Cluster:
+    """A head and a second node, started with `ray start` as the README says: each 1 CPU on
+    127.0.0.1 with its own temp dir and resource label, token auth on (a token in their HOME)."""
+
+    def __init__(self, home: Path):
+        self.env = {
+            **os.environ,
+            "HOME": str(home),
+            "RAY_AUTH_MODE": "token",
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            # DeepSpeed's CPU op is JIT-compiled once per machine; keep using the real cache.
+            "TORCH_EXTENSIONS_DIR": os.environ.get(
+                "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")
+            ),
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.port, self.dashboard = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.temp = {
+            label: tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+            for label, prefix in (("head", "lrh"), ("node2", "lrn"))
+        }  # fmt: skip  (short: unix socket paths)
+        assert self.ray("get-auth-token", "--generate").returncode == 0
+
+    def ray(self, *args, timeout=120):
+        return subprocess.run(
+            [str(BIN / "ray"), *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
+
+    def _start(self, label: str, *args) -> None:
+        done = self.ray(
+            "start", *args, "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp[label]}", "--num-cpus=1",
+            f"--resources={json.dumps({label: 1})}", f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    def start(self) -> None:
+        self._start(
+            "head", "--head", f"--port={self.port}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard}", f"--ray-client-server-port={free_port()}",
+        )  # fmt: skip
+        self.start_node2()
+
+    def start_node2(self) -> None:
+        self._start("node2", f"--address={self.address}")
+        wait_for("the second node to join", lambda: "node2" in self.alive(), 60)
+
+    def alive(self) -> dict[str, str]:
+        """label -> node id of the live nodes."""
+        out = self.ray("list", "nodes", "--address", f"http://127.0.0.1:{self.dashboard}", "--format", "json")
+        nodes = json.loads(out.stdout) if out.returncode == 0 else []
+        return {
+            label: n["node_id"]
+            for n in nodes
+            if n["state"] == "ALIVE"
+            for label in ("head", "node2")
+            if label in n["resources_total"]
+        }
+
+    def kill_node2(self) -> None:
+        kill_under(self.temp["node2"])
+        assert not processes_under(self.temp["node2"])
+
+    def stop(self) -> None:
+        for label in ("node2", "head"):
+            kill_under(self.temp[label], signal.SIGTERM)
+            kill_under(self.temp[label])
+        left = [pid for label in ("node2", "head") for pid in processes_under(self.temp[label])]
+        for temp in self.temp.values():
+            shutil.rmtree(temp, ignore_errors=True)
+        assert not left
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")  # the token and ~/loqt-ray (jobs/runtime_env.yaml), nothing else
+    nodes = Cluster(home)
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def start_driver(cluster, log: Path, *args) -> subprocess.Popen:
+    """`loqt-ray ARGS` as a user runs it against the cluster, in its own process group."""
+    return subprocess.Popen(
+        [str(BIN / "loqt-ray"), *args], env=cluster.env, cwd=ROOT, stdout=log.open("w"),
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+
+def train_args(data_dir, out: Path, name: str, steps: int, *extra) -> list[str]:
+    sets = [*NANO, f"data.data_dir={data_dir}", f"train.output_dir={out}", f"train.name={name}",
+            f"train.steps={steps}", f"train.eval_every={steps}", *extra]  # fmt: skip
+    return ["train", *[a for s in sets for a in ("--set", s)]]
+
+
+def placements(run: Path) -> list[dict[int, str]]:
+    """rank -> node id for each start of the worker group, from the run's workers.jsonl."""
+    groups: dict[float, dict[int, str]] = {}
+    for row in read_workers(run):
+        groups.setdefault(row["time"], {})[row["rank"]] = row["node_id"]
+    return [groups[t] for t in sorted(groups)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_node_training_spreads_its_workers_and_survives_losing_a_node(cluster, data_dir, sotu, tmp_path):
+    """Workers one per node; node 2 dies after a checkpoint; with max_failures 1 the group restarts from
+    that checkpoint on the head (2 x 0.5 CPU fit there) and the run completes."""
+    nodes = cluster.alive()
+    args = train_args(data_dir, tmp_path, "spread", 24, "train.checkpoint_every=6", "scale.max_failures=1",
+                      f"scale.address={cluster.address}")  # fmt: skip
+    run = tmp_path / "spread"
+    driver = start_driver(cluster, tmp_path / "driver.log", *args)
+    try:
+        wait_for("a checkpoint", lambda: latest(run), 240)
+        assert placements(run)[0] == {0: nodes["head"], 1: nodes["node2"]} or placements(run)[0] == {
+            0: nodes["node2"], 1: nodes["head"]}  # fmt: skip
+        saved = step_of(latest(run))
+        cluster.kill_node2()
+        assert driver.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        cluster.start_node2()
+    log = (tmp_path / "driver.log").read_text()
+    assert f"workers restarted after a failure; going on from the checkpoint at step {saved}" in log
+    restarted = placements(run)[-1]
+    assert len(placements(run)) == 2 and restarted == {0: nodes["head"], 1: nodes["head"]}
+    steps = [m["step"] for m in read_metrics(run)]
+    assert steps == list(range(1, 25))  # each step once: the steps after the checkpoint were redone
+    assert saved >= 6 and "done: spread step 24" in log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_losing_a_node_with_no_restart_left_stops_in_one_line_and_a_rerun_resumes(
+    cluster, data_dir, sotu, tmp_path
+):
+    nodes = cluster.alive()
+    args = train_args(
+        data_dir, tmp_path, "lost", 18, "train.checkpoint_every=6", f"scale.address={cluster.address}"
+    )
+    run, log = tmp_path / "lost", tmp_path / "driver.log"
+    driver = start_driver(cluster, log, *args)
+    try:
+        wait_for("a checkpoint", lambda: latest(run), 240)
+        cluster.kill_node2()
+        assert driver.wait(timeout=300) == 1, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        cluster.start_node2()
+    text = log.read_text()
+    (line,) = [line for line in text.splitlines() if line.startswith("loqt-ray train: stopped: lost rank")]
+    assert nodes["node2"][:12] in line and "rerun the same command to resume" in line
+    saved = step_of(latest(run))
+    assert f"the last checkpoint is step {saved}" in line and "Traceback" not in text
+
+    rerun = subprocess.run(
+        [str(BIN / "loqt-ray"), *args], env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming lost from step {saved}" in rerun.stderr
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, 19))
+
+
+SWEEP = ["sweep.name=clustertest", "sweep.num_samples=4", "sweep.tokens_per_trial=6144",
+         "sweep.eval_every_tokens=1536", "asha.enabled=false", "trial.model.size=nano",
+         "trial.data.vocab_size=2048", "trial.data.seq_len=64", "trial.train.eval_tokens=2048"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_sweep_job_runs_trials_on_both_nodes_and_goes_on_when_one_is_lost(cluster, tmp_path):
+    """`ray job submit` of the sweep, as the README does it; its trials land on both nodes; node 2
+    dies while a trial runs there: that trial fails and the others finish."""
+    nodes = cluster.alive()
+    # The job API is on loopback only and refuses a request without the token.
+    url = f"http://127.0.0.1:{cluster.dashboard}/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(url, timeout=10)
+    external = socket.gethostbyname(socket.gethostname())
+    if not external.startswith("127."):
+        with pytest.raises(OSError):
+            socket.create_connection((external, cluster.dashboard), timeout=3).close()
+
+    home = Path(cluster.env["HOME"])
+    sweep_dir = home / "loqt-ray" / "runs" / "sweeps" / "clustertest"  # LOQT_RAY_HOME: outlives the job
+    log = tmp_path / "job.log"
+    submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{cluster.dashboard}",
+              "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--", "loqt-ray", "sweep",
+              "jobs/sweep.yaml", *[a for s in SWEEP for a in ("--set", s)]]  # fmt: skip
+
+    def trial_nodes() -> dict[Path, set[str]]:
+        return {run.parent: {n for p in placements(run) for n in p.values()}
+                for run in sweep_dir.glob("*/train") if (run / "workers.jsonl").exists()}  # fmt: skip
+
+    # Right after the head starts, Ray may refuse a submission until its job agent has registered
+    # ("No available agent to submit job"), running nothing: so try again, a bounded number of times.
+    for _ in range(30):
+        job = subprocess.Popen(
+            submit, env=cluster.env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
+        )
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            job.wait(timeout=20)
+        if job.poll() is None or "No available agent" not in log.read_text():
+            break
+        time.sleep(2)
+    try:
+        wait_for(
+            "trials on both nodes", lambda: set(nodes.values()) <= set().union(*trial_nodes().values()), 400
+        )
+        on_node2 = [trial for trial, where in trial_nodes().items() if nodes["node2"] in where]
+        cluster.kill_node2()
+        assert job.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+        cluster.start_node2()
+    text = log.read_text()
+    assert "succeeded" in text
+    rows = leaderboard(sweep_dir)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(rows) == 4 and 1 <= len(failed) <= 2 and len(failed) < len(rows)
+    assert any(Path(r["dir"]) in on_node2 for r in failed)  # the trial running on the lost node
+    assert f"trial {failed[0]['trial']} failed:" in text  # the live display said so, in the job's log
+    assert "of 4 trials" in text and "Configuration for experiment" not in text  # Ray's banner: in ray.log
+    assert "Configuration for experiment" in (sweep_dir / "ray.log").read_text()
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert best["provenance"]["trial"] in text and best["model"]["size"] == "60m"
+    assert best["data"]["data_dir"] == "data"  # as the sweep file says, not the job's rooted cache path
+    assert (sweep_dir / "report" / "summary.md").exists() and (home / "loqt-ray" / "data" / "packed").is_dir()
+    assert not (ROOT / "runs" / "sweeps" / "clustertest").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_driver_killed_alone_leaves_no_ray_behind_and_the_same_command_resumes(data_dir, sotu, tmp_path):
+    """`kill -9` of `loqt-ray train` alone (as an out-of-memory kill would): the local Ray it started
+    goes with it (Ray ties the processes it starts to their parent), and a rerun resumes."""
+    temp = tempfile.mkdtemp(prefix="lrd", dir="/tmp")  # the local Ray's processes name this dir
+    env = {**os.environ, "RAY_TMPDIR": temp, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    args = train_args(data_dir, tmp_path, "killed", 18, "train.checkpoint_every=6", "scale.num_workers=1",
+                      "scale.cpus_per_worker=1")  # fmt: skip
+    run, log = tmp_path / "killed", tmp_path / "driver.log"
+    driver = subprocess.Popen([str(BIN / "loqt-ray"), *args], env=env, cwd=ROOT, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        wait_for("a checkpoint", lambda: latest(run), 240)
+        assert processes_under(temp)  # the local Ray is up
+        os.kill(driver.pid, signal.SIGKILL)  # the driver alone, not its process group
+        driver.wait(timeout=30)
+        wait_for("the first run's Ray processes to exit", lambda: not processes_under(temp), 60)
+        saved = step_of(latest(run))
+        rerun = subprocess.run([str(BIN / "loqt-ray"), *args], env=env, cwd=ROOT, capture_output=True,
+                               text=True, timeout=300)  # fmt: skip
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert f"resuming killed from step {saved}" in rerun.stderr
+        assert [m["step"] for m in read_metrics(run)] == list(range(1, 19))
+        wait_for("the rerun's Ray processes to exit", lambda: not processes_under(temp), 60)
+    finally:
+        kill_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)
