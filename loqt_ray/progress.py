@@ -231,4 +231,5 @@ class SweepProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.write(f"{self.name}: {self.line()}")
+        if self.trials:  # a finished sweep rerun shows no trials here: its leaderboard follows
+            self.write(f"{self.name}: {self.line()}")

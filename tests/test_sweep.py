@@ -6,7 +6,7 @@ import yaml
 
 from loqt_ray.cli import main
 from loqt_ray.config import ConfigError, load_config
-from loqt_ray.results import leaderboard
+from loqt_ray.results import leaderboard, read_workers
 from loqt_ray.search_space import check_space, parse_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,8 +92,12 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
     spec["trial"]["model"] = {"size": "nano"}
     spec["trial"]["data"] = {"data_dir": data_dir, "vocab_size": 2048, "seq_len": 64}
     spec["trial"]["train"] = {"micro_batch_size": 8, "eval_tokens": 2048}
-    spec["trial"]["scale"]["cpus_per_worker"] = 0.5
+    # Each trial asks for 0.5 of the one GPU this local Ray declares (Ray's GPU logic without a GPU:
+    # the workers say so and train on the CPU), so two run at a time.
+    spec["trial"]["scale"].update(cpus_per_worker=0.5, use_gpu=True, gpus_per_worker=0.5)
     path = write(tmp_path, "sweep.yaml", spec)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", log_to_driver=False)  # fmt: skip
     try:
         assert main(["sweep", str(path)]) == 0
         sweep_dir = tmp_path / "sweeps" / "t"
@@ -109,6 +113,15 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
             assert f"trial {r['trial']} {ended}" in console
         assert "Configuration for experiment" not in console
         assert "Configuration for experiment" in (sweep_dir / "ray.log").read_text()
+        # From the workers' own clocks: when each trial's worker group started (workers.jsonl) and
+        # when its last report reached Tune (result.json): never more than two at once, and two.
+        spans = []
+        for r in rows:
+            start = read_workers(Path(r["dir"]) / "train")[0]["time"]
+            end = json.loads(Path(r["dir"], "result.json").read_text().splitlines()[-1])["timestamp"]
+            spans.append((start, end))
+        overlaps = [sum(a <= t < b for a, b in spans) for t, _ in spans]
+        assert max(overlaps) == 2, spans
         assert len(rows) == 4 and all(r["status"] in ("completed", "stopped early") for r in rows)
         assert sorted(r["params"]["optim.lr"] for r in rows) == [1e-5, 1e-5, 1e-2, 1e-2]
         assert stopped and all(r["params"]["optim.lr"] == 1e-5 and r["tokens"] < 8 * 64 * 24 for r in stopped)
