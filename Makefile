@@ -28,7 +28,7 @@ bench-quality: $(STAMP)
 
 # What CI runs: the linter and formatter check, then every test (Ray, DeepSpeed and job tests included).
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The inner loop: everything but the multi-process tests (real Ray clusters, 2-worker DeepSpeed runs, jobs).
 test-fast: $(STAMP) lint

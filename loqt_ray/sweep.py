@@ -44,7 +44,10 @@ from .results import (
 )
 from .search_space import Param, apply_params, check_space, grid_size, parse_space
 
-TRIAL_CPU = 0.1  # the Tune trial that drives a trial's Ray Train run; its workers ask for the rest
+# The Tune trial that drives a trial's Ray Train run; its workers ask for the rest. Small, so that
+# the trials Tune has started never hold the CPUs a worker group needs (on a cluster that lost a
+# node, two 0.1-CPU trials left 0.8 of the last CPU and neither could start its 0.9-CPU worker).
+TRIAL_CPU = 0.01
 
 
 def effective_sweep(path: str | Path, overrides: list[str] = ()) -> dict:

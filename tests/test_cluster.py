@@ -93,25 +93,37 @@ NANO = ["model.size=nano", "data.vocab_size=2048", "data.seq_len=64", "loqt.rank
         "scale.placement_strategy=SPREAD"]  # fmt: skip
 
 
-def processes_under(temp_dir: str) -> list[int]:
-    """PIDs of the Ray processes a node started (their command lines name its temp dir)."""
-    pids = []
+MARK = "LOQT_RAY_TEST_PROCESS"  # set in the environment of what a test starts; every child inherits it
+
+
+def processes_under(mark: str) -> list[int]:
+    """PIDs of the processes a test started: those whose environment carries MARK=mark, and their
+    descendants (Ray's agents get an environment of their own and rename themselves)."""
+    needle, parents, marked = f"{MARK}={mark}".encode(), {}, set()
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and temp_dir in (proc / "cmdline").read_bytes().decode(errors="ignore"):
-                pids.append(int(proc.name))
-        except OSError:
+            if not proc.name.isdigit():
+                continue
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                marked.add(int(proc.name))
+        except (OSError, ValueError, IndexError):
             continue
-    return pids
+    found, grew = set(marked), True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return sorted(found)
 
 
-def kill_under(temp_dir: str, sig: int = signal.SIGKILL, wait: float = 20) -> None:
-    """Signal only this node's processes (`ray stop` would stop every Ray on the machine)."""
-    for pid in processes_under(temp_dir):
+def kill_under(mark: str, sig: int = signal.SIGKILL, wait: float = 20) -> None:
+    """Signal only the processes marked `mark` (`ray stop` would stop every Ray on the machine)."""
+    for pid in processes_under(mark):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
     deadline = time.time() + wait
-    while processes_under(temp_dir) and time.time() < deadline:
+    while processes_under(mark) and time.time() < deadline:
         time.sleep(0.5)
 
 
@@ -149,16 +161,17 @@ class Cluster:
         }  # fmt: skip  (short: unix socket paths)
         assert self.ray("get-auth-token", "--generate").returncode == 0
 
-    def ray(self, *args, timeout=120):
+    def ray(self, *args, timeout=120, mark: str = "client"):
         return subprocess.run(
-            [str(BIN / "ray"), *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
-        )
+            [str(BIN / "ray"), *args], env={**self.env, MARK: mark}, cwd=ROOT, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
 
     def _start(self, label: str, *args) -> None:
         done = self.ray(
             "start", *args, "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp[label]}", "--num-cpus=1",
             f"--resources={json.dumps({label: 1})}", f"--dashboard-agent-listen-port={free_port()}",
-            "--disable-usage-stats",
+            "--disable-usage-stats", mark=self.temp[label],
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
 
@@ -238,7 +251,7 @@ def test_two_node_training_spreads_its_workers_and_survives_losing_a_node(cluste
     """Workers one per node; node 2 dies after a checkpoint; with max_failures 1 the group restarts from
     that checkpoint on the head (2 x 0.5 CPU fit there) and the run completes."""
     nodes = cluster.alive()
-    args = train_args(data_dir, tmp_path, "spread", 24, "train.checkpoint_every=6", "scale.max_failures=1",
+    args = train_args(data_dir, tmp_path, "spread", 12, "train.checkpoint_every=4", "scale.max_failures=1",
                       f"scale.address={cluster.address}")  # fmt: skip
     run = tmp_path / "spread"
     driver = start_driver(cluster, tmp_path / "driver.log", *args)
@@ -258,8 +271,8 @@ def test_two_node_training_spreads_its_workers_and_survives_losing_a_node(cluste
     restarted = placements(run)[-1]
     assert len(placements(run)) == 2 and restarted == {0: nodes["head"], 1: nodes["head"]}
     steps = [m["step"] for m in read_metrics(run)]
-    assert steps == list(range(1, 25))  # each step once: the steps after the checkpoint were redone
-    assert saved >= 6 and "done: spread step 24" in log
+    assert steps == list(range(1, 13))  # each step once: the steps after the checkpoint were redone
+    assert saved >= 4 and "done: spread step 12" in log
 
 
 @pytest.mark.slow
@@ -269,7 +282,7 @@ def test_losing_a_node_with_no_restart_left_stops_in_one_line_and_a_rerun_resume
 ):
     nodes = cluster.alive()
     args = train_args(
-        data_dir, tmp_path, "lost", 18, "train.checkpoint_every=6", f"scale.address={cluster.address}"
+        data_dir, tmp_path, "lost", 12, "train.checkpoint_every=4", f"scale.address={cluster.address}"
     )
     run, log = tmp_path / "lost", tmp_path / "driver.log"
     driver = start_driver(cluster, log, *args)
@@ -292,10 +305,10 @@ def test_losing_a_node_with_no_restart_left_stops_in_one_line_and_a_rerun_resume
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming lost from step {saved}" in rerun.stderr
-    assert [m["step"] for m in read_metrics(run)] == list(range(1, 19))
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, 13))
 
 
-SWEEP = ["sweep.name=clustertest", "sweep.num_samples=4", "sweep.tokens_per_trial=6144",
+SWEEP = ["sweep.name=clustertest", "sweep.num_samples=3", "sweep.tokens_per_trial=6144",
          "sweep.eval_every_tokens=1536", "asha.enabled=false", "trial.model.size=nano",
          "trial.data.vocab_size=2048", "trial.data.seq_len=64", "trial.train.eval_tokens=2048"]  # fmt: skip
 
@@ -352,10 +365,10 @@ def test_a_sweep_job_runs_trials_on_both_nodes_and_goes_on_when_one_is_lost(clus
     assert "succeeded" in text
     rows = leaderboard(sweep_dir)
     failed = [r for r in rows if r["status"] == "failed"]
-    assert len(rows) == 4 and 1 <= len(failed) <= 2 and len(failed) < len(rows)
+    assert len(rows) == 3 and 1 <= len(failed) <= 2 and len(failed) < len(rows)
     assert any(Path(r["dir"]) in on_node2 for r in failed)  # the trial running on the lost node
     assert f"trial {failed[0]['trial']} failed:" in text  # the live display said so, in the job's log
-    assert "of 4 trials" in text and "Configuration for experiment" not in text  # Ray's banner: in ray.log
+    assert "of 3 trials" in text and "Configuration for experiment" not in text  # Ray's banner: in ray.log
     assert "Configuration for experiment" in (sweep_dir / "ray.log").read_text()
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
     assert best["provenance"]["trial"] in text and best["model"]["size"] == "60m"
@@ -369,10 +382,10 @@ def test_a_sweep_job_runs_trials_on_both_nodes_and_goes_on_when_one_is_lost(clus
 def test_a_driver_killed_alone_leaves_no_ray_behind_and_the_same_command_resumes(data_dir, sotu, tmp_path):
     """`kill -9` of `loqt-ray train` alone (as an out-of-memory kill would): the local Ray it started
     goes with it (Ray ties the processes it starts to their parent), and a rerun resumes."""
-    temp = tempfile.mkdtemp(prefix="lrd", dir="/tmp")  # the local Ray's processes name this dir
-    env = {**os.environ, "RAY_TMPDIR": temp, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    temp = tempfile.mkdtemp(prefix="lrd", dir="/tmp")  # the local Ray's root; also its processes' mark
+    env = {**os.environ, "RAY_TMPDIR": temp, "PATH": f"{BIN}:{os.environ['PATH']}", MARK: temp}
     env.pop("RAY_ADDRESS", None)
-    args = train_args(data_dir, tmp_path, "killed", 18, "train.checkpoint_every=6", "scale.num_workers=1",
+    args = train_args(data_dir, tmp_path, "killed", 12, "train.checkpoint_every=4", "scale.num_workers=1",
                       "scale.cpus_per_worker=1")  # fmt: skip
     run, log = tmp_path / "killed", tmp_path / "driver.log"
     driver = subprocess.Popen([str(BIN / "loqt-ray"), *args], env=env, cwd=ROOT, stdout=log.open("w"),
@@ -388,7 +401,7 @@ def test_a_driver_killed_alone_leaves_no_ray_behind_and_the_same_command_resumes
                                text=True, timeout=300)  # fmt: skip
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert f"resuming killed from step {saved}" in rerun.stderr
-        assert [m["step"] for m in read_metrics(run)] == list(range(1, 19))
+        assert [m["step"] for m in read_metrics(run)] == list(range(1, 13))
         wait_for("the rerun's Ray processes to exit", lambda: not processes_under(temp), 60)
     finally:
         kill_under(temp)

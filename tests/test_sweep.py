@@ -186,7 +186,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, capsys):
     assert "trials: 6 (num_samples 6 x 1 grid points; Optuna TPE, seed 0), 2 at a time" in out
     assert "tokens per trial: 245,760 (240 steps of 1,024)" in out
     assert "tokens without early stopping: 1,474,560" in out
-    assert "tokens with ASHA" in out and "each trial asks for 1 CPU" in out
+    assert "tokens with ASHA" in out and "each trial asks for 0.91 CPU" in out
     assert not ray.is_initialized() and not (tmp_path / "s").exists()
     grid = ["--set", "sweep.num_samples=2", "--set", "trial.scale.use_gpu=true", "--set",
             "trial.scale.gpus_per_worker=0.5"]  # fmt: skip
@@ -194,7 +194,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, capsys):
     assert main([*args, *grid, "--set", f"sweep.search_space={space}"]) == 0
     out = capsys.readouterr().out
     assert "trials: 6 (num_samples 2 x 3 grid points; Tune's grid" in out
-    assert "each trial asks for 1 CPU + 0.5 GPU" in out and "2 at a time: 2 CPU + 1 GPU" in out
+    assert "each trial asks for 0.91 CPU + 0.5 GPU" in out and "2 at a time: 1.82 CPU + 1 GPU" in out
 
 
 def _fake_finished_sweep(tmp_path, values: dict) -> Path:
