@@ -26,18 +26,19 @@ REFRESH_EVERY_S = 2.0  # the bar on a terminal
 
 @contextlib.contextmanager
 def console_to_log(log: Path):
-    """While a run or sweep works, everything printed to stdout/stderr (Ray's banners, the raylet's worker
-    warnings, Tune's and Optuna's notes, at the file-descriptor level) goes to `log`; yields a stream
-    on the real console for the sweep's own display."""
+    """While a run or sweep works, everything printed to stdout/stderr (Ray's banners, the raylet's
+    worker warnings, Tune's and Optuna's notes; at the file-descriptor level and Python's) goes to
+    `log`; yields a stream on the real console for our own display."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
-    with open(log, "a") as f:
+    with open(log, "a", buffering=1) as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
-        try:
-            yield console
+        try:  # and Python's own streams, where something (a test's capture) replaced them
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                yield console
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -123,8 +124,13 @@ class RunProgress:
                     f.seek(offset)
                     lines = f.readlines()
                 complete = [line for line in lines if line.endswith("\n")]  # a half-written line waits
-                offset += sum(len(line.encode()) for line in complete)
-                for metrics in map(json.loads, complete):
+                try:
+                    rows = [json.loads(line) for line in complete]
+                except json.JSONDecodeError:  # rewritten under us (a restart cut it): read it anew
+                    rows, offset = [], 0
+                else:
+                    offset += sum(len(line.encode()) for line in complete)
+                for metrics in rows:
                     self._show(metrics)
             if stopping:
                 return

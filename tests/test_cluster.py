@@ -395,7 +395,11 @@ def test_a_driver_killed_alone_leaves_no_ray_behind_and_the_same_command_resumes
         assert processes_under(temp)  # the local Ray is up
         os.kill(driver.pid, signal.SIGKILL)  # the driver alone, not its process group
         driver.wait(timeout=30)
-        wait_for("the first run's Ray processes to exit", lambda: not processes_under(temp), 60)
+        try:
+            wait_for("the first run's Ray processes to exit", lambda: not processes_under(temp), 120)
+        except AssertionError:
+            left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in processes_under(temp)}
+            raise AssertionError(f"left behind: {left}") from None
         saved = step_of(latest(run))
         rerun = subprocess.run([str(BIN / "loqt-ray"), *args], env=env, cwd=ROOT, capture_output=True,
                                text=True, timeout=300)  # fmt: skip

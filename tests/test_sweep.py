@@ -105,7 +105,8 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
         # The live display: the plan at once, a status line and a line per trial that ended; Ray's
         # own banners and warnings went to ray.log instead of the console.
         console = capfd.readouterr().err
-        assert console.startswith("t: 4 trials of 12,288 tokens, 2 at a time, ASHA from 3,072 tokens")
+        plan = console.index("t: 4 trials of 12,288 tokens, 2 at a time, ASHA from 3,072 tokens")
+        assert plan < console.index("t: starting Ray") < console.index(" of 4 trials |")  # the plan first
         assert "of 4 trials |" in console and "best val ppl" in console
         stopped = [r for r in rows if r["status"] == "stopped early"]
         for r in rows:
