@@ -125,7 +125,10 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
         assert max(overlaps) == 2, spans
         assert len(rows) == 4 and all(r["status"] in ("completed", "stopped early") for r in rows)
         assert sorted(r["params"]["optim.lr"] for r in rows) == [1e-5, 1e-5, 1e-2, 1e-2]
-        assert stopped and all(r["params"]["optim.lr"] == 1e-5 and r["tokens"] < 8 * 64 * 24 for r in stopped)
+        # Async ASHA may also stop a useful trial that reached a rung behind a better one; a useless
+        # one must go, and the best must be useful.
+        assert any(r["params"]["optim.lr"] == 1e-5 for r in stopped)
+        assert all(r["tokens"] < 8 * 64 * 24 for r in stopped)
         assert rows[0]["params"]["optim.lr"] == 1e-2
         assert all(0 < r["tokens"] <= 8 * 64 * 24 for r in rows)
         assert rows[0]["val_ppl"] == min(r["val_ppl"] for r in rows)
