@@ -187,12 +187,17 @@ def check_resources(scale, extra_cpu: float = 0.0) -> None:
             )
 
 
+def worker_resources(scale) -> dict[str, float]:
+    """What Ray reserves for each worker of a run (and so the shape of its placement group)."""
+    return {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
+
+
 def make_trainer(cfg: Config, out: Path, callbacks: list = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scale = cfg.scale
-    resources = {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
+    resources = worker_resources(scale)
     loop_config = {"cfg": cfg.to_dict(), "run_dir": str(out)}
     return TorchTrainer(
         worker_loop,

@@ -335,8 +335,9 @@ class _LeakedGroups:
     CHECK_EVERY_S = 20.0
 
     def __init__(self, scale):
-        worker = {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
-        self.shape = [worker] * scale.num_workers
+        from .launch import worker_resources
+
+        self.shape = [worker_resources(scale)] * scale.num_workers
         self.suspects: set[str] = set()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
