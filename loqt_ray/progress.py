@@ -48,10 +48,43 @@ def console_to_log(log: Path):
             console.close()
 
 
-class RunProgress:
+class Periodic:
+    """A context manager that calls `tick()` from a daemon thread every `every_s` seconds while its
+    block runs, and once more as the block ends when `tick_at_exit` (to show what was written last)."""
+
+    every_s: float
+    tick_at_exit = False
+
+    def __enter__(self):
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            ending = self._done.wait(self.every_s)
+            if ending and not self.tick_at_exit:
+                return
+            self.tick()
+            if ending:
+                return
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class RunProgress(Periodic):
     """A tqdm bar over the run's steps, moved by a thread that tails metrics.jsonl (new bytes only).
     After a failure Ray restarts the worker group from the last checkpoint: said in one line, seen
     as a new group in workers.jsonl."""
+
+    every_s = 0.5
+    tick_at_exit = True  # the last steps' metrics land just before the run returns
 
     def __init__(self, out: Path, total: int, name: str, enabled: bool, stream: TextIO | None = None):
         from tqdm import tqdm
@@ -71,16 +104,10 @@ class RunProgress:
         self.repairs = previous[-1].get("rank_repairs", 0) if previous else 0
         self.out = out
         self.starts = self._group_starts()  # worker groups started before this command
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._follow, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
 
     def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
+        super().__exit__(*exc)
         self.bar.close()
 
     def _show(self, metrics: dict) -> None:
@@ -112,28 +139,24 @@ class RunProgress:
             self.bar.write(f"workers restarted after a failure; going on from {where}", file=self.stream)
             self.starts = starts - 1
 
-    def _follow(self) -> None:
-        offset = self.path.stat().st_size if self.path.exists() else 0
-        while True:
-            stopping = self.done.wait(0.5)
-            self._say_restarts()
-            if self.path.exists():
-                if self.path.stat().st_size < offset:  # rank 0 cut the steps it will redo: read it anew
-                    offset = 0
-                with open(self.path) as f:
-                    f.seek(offset)
-                    lines = f.readlines()
-                complete = [line for line in lines if line.endswith("\n")]  # a half-written line waits
-                try:
-                    rows = [json.loads(line) for line in complete]
-                except json.JSONDecodeError:  # rewritten under us (a restart cut it): read it anew
-                    rows, offset = [], 0
-                else:
-                    offset += sum(len(line.encode()) for line in complete)
-                for metrics in rows:
-                    self._show(metrics)
-            if stopping:
-                return
+    def tick(self) -> None:
+        self._say_restarts()
+        if not self.path.exists():
+            return
+        if self.path.stat().st_size < self.offset:  # rank 0 cut the steps it will redo: read it anew
+            self.offset = 0
+        with open(self.path) as f:
+            f.seek(self.offset)
+            lines = f.readlines()
+        complete = [line for line in lines if line.endswith("\n")]  # a half-written line waits
+        try:
+            rows = [json.loads(line) for line in complete]
+        except json.JSONDecodeError:  # rewritten under us (a restart cut it): read it anew
+            rows, self.offset = [], 0
+        else:
+            self.offset += sum(len(line.encode()) for line in complete)
+        for metrics in rows:
+            self._show(metrics)
 
 
 def _tokens(n: float) -> str:

@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import hashlib
 import sys
-import threading
 from pathlib import Path
 
 import yaml
@@ -32,6 +31,7 @@ from .config import (
     rooted,
     validate,
 )
+from .progress import Periodic
 from .results import (
     BEST_FILE,
     LEADERBOARD_FILE,
@@ -324,37 +324,23 @@ def _last_error_line(trial) -> str:
     return lines[-1][:300] if lines else "no error text"
 
 
-class _LeakedGroups:
+class _LeakedGroups(Periodic):
     """Frees the CPUs Ray Train sometimes leaks when Tune stops a trial. The trial's controller is
     aborted and stops its PlacementGroupCleaner, and now and then the workers' placement group
     outlives them (11 of 13 early stops in one 16-trial sweep on 2 loaded cores), holding its CPUs:
     later trials then wait for workers that never come and the sweep stalls. A group shaped like a
-    trial's workers that no live actor uses, seen so in two checks CHECK_EVERY_S apart, is removed.
+    trial's workers that no live actor uses, seen so in two checks `every_s` apart, is removed.
     The checks run in a thread of their own: Tune's loop is not guaranteed to turn while it waits."""
 
-    CHECK_EVERY_S = 20.0
+    every_s = 20.0
 
     def __init__(self, scale):
         from .launch import worker_resources
 
         self.shape = [worker_resources(scale)] * scale.num_workers
         self.suspects: set[str] = set()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-
-    def _watch(self) -> None:
-        while not self.done.wait(self.CHECK_EVERY_S):
-            self.check()
-
-    def check(self) -> None:
+    def tick(self) -> None:
         from ray._raylet import PlacementGroupID
         from ray.util import remove_placement_group, state
         from ray.util.placement_group import PlacementGroup

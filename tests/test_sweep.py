@@ -253,27 +253,3 @@ def test_rank_fraction_is_checked_and_resolved_per_model():
     assert load_config(None, ["loqt.rank_fraction=0.25", "model.size=1b"]).loqt.rank == 512
     with pytest.raises(ConfigError, match=r"loqt.rank_fraction: must be in \(0, 1\]"):
         load_config(None, ["loqt.rank_fraction=1.5"])
-
-
-def test_sweep_display_counts_trials_tokens_and_the_best(monkeypatch):
-    import io
-
-    from loqt_ray import progress
-
-    stream = io.StringIO()
-    display = progress.SweepProgress("demo", 6, 100_000, stream)
-    display.update({"a": ("running", 20_000, float("inf"))})
-    assert (
-        "0 done, 1 running, 0 stopped early, 0 failed of 6 trials | 20k of 600k tokens" in stream.getvalue()
-    )
-    assert "no evaluation yet" in stream.getvalue()
-    display.update({"a": ("running", 40_000, 300.0)})  # within LOG_EVERY_S: nothing new printed
-    assert stream.getvalue().count("\n") == 1
-    states = {"a": ("completed", 100_000, 240.5), "b": ("stopped early", 40_000, 400.0),
-              "c": ("failed", 0, float("inf")), "d": ("running", 60_000, 260.0)}  # fmt: skip
-    display.event("trial b stopped early by ASHA")
-    display.update(states, force=True)
-    last = stream.getvalue().splitlines()[-1]
-    assert "demo: 1 done, 1 running, 1 stopped early, 1 failed of 6 trials | 200k of 600k tokens" in last
-    assert "best val ppl 240.50 (a)" in last and "elapsed, at most ~" in last
-    assert "demo: trial b stopped early by ASHA" in stream.getvalue()
