@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from . import checkpoint, results
@@ -38,7 +39,9 @@ class _RankZeroLog:
     def write(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(metrics) + "\n")
+        # with the wall-clock time it was logged: tokens_per_s counts training steps only, the times
+        # show the rest (evaluations, checkpoints, Ray) as well
+        self.file.write(json.dumps({**metrics, "time": time.time()}) + "\n")
         self.file.flush()
         for key, value in metrics.items():
             if key != "step":
@@ -137,7 +140,13 @@ def worker_loop(config: dict) -> None:
         pending.append(tmp)
 
     def report(metrics: dict) -> None:
-        log.write(metrics)
+        log.write(metrics)  # every logged step: metrics.jsonl, which the bar follows
+        # Ray's report blocks until its controller has taken the previous one, and the controller
+        # looks every 2 s: reported at every logged step, that would set the pace of a fast run.
+        # Ray needs the checkpoints, Tune (ASHA, the sweep's display) the evaluations; all ranks
+        # take the same decision here, as Ray's checkpoint reports require.
+        if not pending and "val_ppl" not in metrics:
+            return
         if not pending:
             ray.train.report(metrics)
             return
