@@ -76,10 +76,9 @@ def digest_loop(config):
         with open(out / f"rank{rank}.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def report(metrics):
+    def report(metrics):  # to files only: Ray needs nothing from this loop (no checkpoints, no Tune)
         with open(out / f"loss{rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": metrics["step"], "loss": metrics["train_loss"]}) + "\n")
-        ray.train.report(metrics)
 
     train(cfg, report, rank, 2, make_engine=DeepSpeedEngine, save=save)
 
