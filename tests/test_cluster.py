@@ -93,6 +93,11 @@ NANO = ["model.size=nano", "data.vocab_size=2048", "data.seq_len=64", "loqt.rank
         "scale.placement_strategy=SPREAD"]  # fmt: skip
 
 
+# The runs that lose a node or their driver: a checkpoint every EVERY steps, and the loss comes right
+# after the first. Steps take a fraction of a second, so the run must be long enough that it is still
+# training when the loss lands.
+STEPS, EVERY = 40, 8
+
 MARK = "LOQT_RAY_TEST_PROCESS"  # set in the environment of what a test starts; every child inherits it
 
 
@@ -242,9 +247,10 @@ def start_driver(cluster, log: Path, *args) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def train_args(data_dir, out: Path, name: str, steps: int, *extra) -> list[str]:
+def train_args(data_dir, out: Path, name: str, *extra, steps: int = STEPS) -> list[str]:
     sets = [*NANO, f"data.data_dir={data_dir}", f"train.output_dir={out}", f"train.name={name}",
-            f"train.steps={steps}", f"train.eval_every={steps}", *extra]  # fmt: skip
+            f"train.steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={EVERY}",
+            *extra]  # fmt: skip
     return ["train", *[a for s in sets for a in ("--set", s)]]
 
 
@@ -262,12 +268,12 @@ def test_two_node_training_spreads_its_workers_and_survives_losing_a_node(cluste
     """Workers one per node; node 2 dies after a checkpoint; with max_failures 1 the group restarts from
     that checkpoint on the head (2 x 0.5 CPU fit there) and the run completes."""
     nodes = cluster.alive()
-    args = train_args(data_dir, tmp_path, "spread", 12, "train.checkpoint_every=4", "scale.max_failures=1",
+    args = train_args(data_dir, tmp_path, "spread", "scale.max_failures=1",
                       f"scale.address={cluster.address}")  # fmt: skip
     run = tmp_path / "spread"
     driver = start_driver(cluster, tmp_path / "driver.log", *args)
     try:
-        wait_for("a checkpoint", lambda: latest(run), 240)
+        wait_for("a checkpoint", lambda: latest(run), 240, every=0.25)
         assert placements(run)[0] == {0: nodes["head"], 1: nodes["node2"]} or placements(run)[0] == {
             0: nodes["node2"], 1: nodes["head"]}  # fmt: skip
         saved = step_of(latest(run))
@@ -282,8 +288,8 @@ def test_two_node_training_spreads_its_workers_and_survives_losing_a_node(cluste
     restarted = placements(run)[-1]
     assert len(placements(run)) == 2 and restarted == {0: nodes["head"], 1: nodes["head"]}
     steps = [m["step"] for m in read_metrics(run)]
-    assert steps == list(range(1, 13))  # each step once: the steps after the checkpoint were redone
-    assert saved >= 4 and "done: spread step 12" in log
+    assert steps == list(range(1, STEPS + 1))  # each step once: the steps after the checkpoint were redone
+    assert saved >= EVERY and f"done: spread step {STEPS}" in log
 
 
 @pytest.mark.slow
@@ -292,13 +298,11 @@ def test_losing_a_node_with_no_restart_left_stops_in_one_line_and_a_rerun_resume
     cluster, data_dir, sotu, tmp_path
 ):
     nodes = cluster.alive()
-    args = train_args(
-        data_dir, tmp_path, "lost", 12, "train.checkpoint_every=4", f"scale.address={cluster.address}"
-    )
+    args = train_args(data_dir, tmp_path, "lost", f"scale.address={cluster.address}")
     run, log = tmp_path / "lost", tmp_path / "driver.log"
     driver = start_driver(cluster, log, *args)
     try:
-        wait_for("a checkpoint", lambda: latest(run), 240)
+        wait_for("a checkpoint", lambda: latest(run), 240, every=0.25)
         cluster.kill_node2()
         assert driver.wait(timeout=300) == 1, log.read_text()[-3000:]
     finally:
@@ -316,11 +320,11 @@ def test_losing_a_node_with_no_restart_left_stops_in_one_line_and_a_rerun_resume
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming lost from step {saved}" in rerun.stderr
-    assert [m["step"] for m in read_metrics(run)] == list(range(1, 13))
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, STEPS + 1))
 
 
-SWEEP = ["sweep.name=clustertest", "sweep.num_samples=3", "sweep.tokens_per_trial=6144",
-         "sweep.eval_every_tokens=1536", "asha.enabled=false", "trial.model.size=nano",
+SWEEP = ["sweep.name=clustertest", "sweep.num_samples=3", "sweep.tokens_per_trial=12288",
+         "sweep.eval_every_tokens=3072", "asha.enabled=false", "trial.model.size=nano",
          "trial.data.vocab_size=2048", "trial.data.seq_len=64", "trial.train.eval_tokens=2048"]  # fmt: skip
 
 
@@ -396,13 +400,16 @@ def test_a_driver_killed_alone_leaves_no_ray_behind_and_the_same_command_resumes
     temp = tempfile.mkdtemp(prefix="lrd", dir="/tmp")  # the local Ray's root; also its processes' mark
     env = {**os.environ, "RAY_TMPDIR": temp, "PATH": f"{BIN}:{os.environ['PATH']}", MARK: temp}
     env.pop("RAY_ADDRESS", None)
-    args = train_args(data_dir, tmp_path, "killed", 12, "train.checkpoint_every=4", "scale.num_workers=1",
-                      "scale.cpus_per_worker=1")  # fmt: skip
+    # Its workers go on for a second or two after the driver dies (1 worker: about 0.1 s a step).
+    steps = 3 * STEPS
+    args = train_args(
+        data_dir, tmp_path, "killed", "scale.num_workers=1", "scale.cpus_per_worker=1", steps=steps
+    )
     run, log = tmp_path / "killed", tmp_path / "driver.log"
     driver = subprocess.Popen([str(BIN / "loqt-ray"), *args], env=env, cwd=ROOT, stdout=log.open("w"),
                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        wait_for("a checkpoint", lambda: latest(run), 240)
+        wait_for("a checkpoint", lambda: latest(run), 240, every=0.25)
         assert processes_under(temp)  # the local Ray is up
         os.kill(driver.pid, signal.SIGKILL)  # the driver alone, not its process group
         driver.wait(timeout=30)
@@ -412,11 +419,12 @@ def test_a_driver_killed_alone_leaves_no_ray_behind_and_the_same_command_resumes
             left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in processes_under(temp)}
             raise AssertionError(f"left behind: {left}") from None
         saved = step_of(latest(run))
+        assert saved < steps  # the kill cut the run short
         rerun = subprocess.run([str(BIN / "loqt-ray"), *args], env=env, cwd=ROOT, capture_output=True,
                                text=True, timeout=300)  # fmt: skip
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert f"resuming killed from step {saved}" in rerun.stderr
-        assert [m["step"] for m in read_metrics(run)] == list(range(1, 13))
+        assert [m["step"] for m in read_metrics(run)] == list(range(1, steps + 1))
         wait_for("the rerun's Ray processes to exit", lambda: not processes_under(temp), 60)
     finally:
         kill_under(temp)
