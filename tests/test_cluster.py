@@ -262,6 +262,66 @@ def placements(run: Path) -> list[dict[int, str]]:
     return [groups[t] for t in sorted(groups)]
 
 
+# Before the tests that start the two-node cluster: its idle nodes would slow this one's Ray down.
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_driver_killed_alone_leaves_no_ray_behind_and_the_same_command_resumes(data_dir, sotu, tmp_path):
+    """`kill -9` of `loqt-ray train` alone (as an out-of-memory kill would): the local Ray it started
+    goes with it (Ray ties the processes it starts to their parent), and a rerun resumes."""
+    temps = [tempfile.mkdtemp(prefix="lrd", dir="/tmp") for _ in range(2)]  # each run's Ray root and mark
+
+    def command(temp: str, **how) -> dict:
+        env = {**os.environ, "RAY_TMPDIR": temp, "PATH": f"{BIN}:{os.environ['PATH']}", MARK: temp}
+        env.pop("RAY_ADDRESS", None)
+        return dict(args=[str(BIN / "loqt-ray"), *args], env=env, cwd=ROOT, **how)
+
+    # Its worker goes on for a second or two after the driver dies (1 worker: about 0.1 s a step).
+    steps = 2 * STEPS
+    args = train_args(
+        data_dir, tmp_path, "killed", "scale.num_workers=1", "scale.cpus_per_worker=1", steps=steps
+    )
+    run, log = tmp_path / "killed", tmp_path / "driver.log"
+    driver = subprocess.Popen(**command(temps[0], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                        start_new_session=True))  # fmt: skip
+    try:
+        wait_for("a checkpoint", lambda: latest(run), 240, every=0.25)
+        assert processes_under(temps[0])  # the local Ray is up
+        os.kill(driver.pid, signal.SIGKILL)  # the driver alone, not its process group
+        driver.wait(timeout=30)
+        # The rerun starts as a user's would: once the run has stopped training (its Ray's other
+        # processes may take up to a minute to go; the rerun starts a Ray of its own meanwhile).
+        wait_for("the killed run to stop training", _unchanged_for(run / "metrics.jsonl", 5.0), 120)
+        saved = step_of(latest(run))
+        assert saved < steps  # the kill cut the run short
+        rerun = subprocess.run(**command(temps[1], capture_output=True, text=True, timeout=300))
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert f"resuming killed from step {saved}" in rerun.stderr
+        assert [m["step"] for m in read_metrics(run)] == list(range(1, steps + 1))
+        for temp, which in zip(temps, ("killed run's", "rerun's"), strict=True):
+            try:
+                wait_for(f"the {which} Ray processes to exit", lambda t=temp: not processes_under(t), 120)
+            except AssertionError:
+                left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in processes_under(temp)}
+                raise AssertionError(f"left behind by the {which} Ray: {left}") from None
+    finally:
+        for temp in temps:
+            kill_under(temp)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _unchanged_for(path: Path, seconds: float):
+    """A check for wait_for: true once `path` has not changed for `seconds`."""
+    seen = {"stat": None, "since": time.time()}
+
+    def check() -> bool:
+        stat = path.stat().st_mtime_ns, path.stat().st_size
+        if stat != seen["stat"]:
+            seen.update(stat=stat, since=time.time())
+        return time.time() - seen["since"] >= seconds
+
+    return check
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_node_training_spreads_its_workers_and_survives_losing_a_node(cluster, data_dir, sotu, tmp_path):
@@ -390,42 +450,3 @@ def test_a_sweep_job_runs_trials_on_both_nodes_and_goes_on_when_one_is_lost(clus
     assert best["data"]["data_dir"] == "data"  # as the sweep file says, not the job's rooted cache path
     assert (sweep_dir / "report" / "summary.md").exists() and (home / "loqt-ray" / "data" / "packed").is_dir()
     assert not (ROOT / "runs" / "sweeps" / "clustertest").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_driver_killed_alone_leaves_no_ray_behind_and_the_same_command_resumes(data_dir, sotu, tmp_path):
-    """`kill -9` of `loqt-ray train` alone (as an out-of-memory kill would): the local Ray it started
-    goes with it (Ray ties the processes it starts to their parent), and a rerun resumes."""
-    temp = tempfile.mkdtemp(prefix="lrd", dir="/tmp")  # the local Ray's root; also its processes' mark
-    env = {**os.environ, "RAY_TMPDIR": temp, "PATH": f"{BIN}:{os.environ['PATH']}", MARK: temp}
-    env.pop("RAY_ADDRESS", None)
-    # Its workers go on for a second or two after the driver dies (1 worker: about 0.1 s a step).
-    steps = 3 * STEPS
-    args = train_args(
-        data_dir, tmp_path, "killed", "scale.num_workers=1", "scale.cpus_per_worker=1", steps=steps
-    )
-    run, log = tmp_path / "killed", tmp_path / "driver.log"
-    driver = subprocess.Popen([str(BIN / "loqt-ray"), *args], env=env, cwd=ROOT, stdout=log.open("w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        wait_for("a checkpoint", lambda: latest(run), 240, every=0.25)
-        assert processes_under(temp)  # the local Ray is up
-        os.kill(driver.pid, signal.SIGKILL)  # the driver alone, not its process group
-        driver.wait(timeout=30)
-        try:
-            wait_for("the first run's Ray processes to exit", lambda: not processes_under(temp), 120)
-        except AssertionError:
-            left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in processes_under(temp)}
-            raise AssertionError(f"left behind: {left}") from None
-        saved = step_of(latest(run))
-        assert saved < steps  # the kill cut the run short
-        rerun = subprocess.run([str(BIN / "loqt-ray"), *args], env=env, cwd=ROOT, capture_output=True,
-                               text=True, timeout=300)  # fmt: skip
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
-        assert f"resuming killed from step {saved}" in rerun.stderr
-        assert [m["step"] for m in read_metrics(run)] == list(range(1, steps + 1))
-        wait_for("the rerun's Ray processes to exit", lambda: not processes_under(temp), 60)
-    finally:
-        kill_under(temp)
-        shutil.rmtree(temp, ignore_errors=True)
