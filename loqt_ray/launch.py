@@ -145,10 +145,9 @@ def worker_loop(config: dict) -> None:
         # looks every 2 s: reported at every logged step, that would set the pace of a fast run.
         # Ray needs the checkpoints, Tune (ASHA, the sweep's display) the evaluations; all ranks
         # take the same decision here, as Ray's checkpoint reports require.
-        if not pending and "val_ppl" not in metrics:
-            return
         if not pending:
-            ray.train.report(metrics)
+            if "val_ppl" in metrics:
+                ray.train.report(metrics)
             return
         tmp = pending.pop()
         try:

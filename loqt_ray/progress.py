@@ -66,13 +66,10 @@ class Periodic:
         self._thread.join()
 
     def _loop(self) -> None:
-        while True:
-            ending = self._done.wait(self.every_s)
-            if ending and not self.tick_at_exit:
-                return
+        while not self._done.wait(self.every_s):
             self.tick()
-            if ending:
-                return
+        if self.tick_at_exit:
+            self.tick()
 
     def tick(self) -> None:
         raise NotImplementedError
