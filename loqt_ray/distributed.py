@@ -39,15 +39,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_process_group() -> None:
-    """A one-process gloo group for runs outside Ray (Ray Train sets up its own)."""
+def ensure_process_group(cuda: bool) -> None:
+    """A one-process group for runs outside Ray (Ray Train sets up its own): NCCL for a model on
+    the GPU (gloo lacks some of the collectives ZeRO calls on CUDA tensors), gloo otherwise."""
     if torch.distributed.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    backend = "nccl" if cuda and torch.distributed.is_nccl_available() else "gloo"
+    torch.distributed.init_process_group(backend, rank=0, world_size=1)
 
 
 def deepspeed_config(cfg: Config, use_bf16: bool) -> dict:
@@ -68,10 +70,11 @@ class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, cfg: Config):
         import deepspeed
 
-        ensure_process_group()
+        cuda = next(model.parameters()).is_cuda
+        ensure_process_group(cuda)
         self.cfg = cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
-        use_bf16 = cfg.train.dtype == "bfloat16" and next(model.parameters()).is_cuda
+        use_bf16 = cfg.train.dtype == "bfloat16" and cuda
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             optimizer=make_optimizer(self.params, cfg.optim, cfg.peak_lr()),

@@ -223,8 +223,10 @@ class LoQTLinear(nn.Module):
         )
 
 
-def apply_loqt(model: nn.Module, cfg: LoQTConfig) -> nn.Module:
-    """Wrap the target linears of `model` in place; method 'full' leaves it untouched."""
+def apply_loqt(model: nn.Module, cfg: LoQTConfig, device: torch.device | str | None = None) -> nn.Module:
+    """Wrap the target linears of `model` in place; method 'full' leaves it untouched. With a
+    device, each linear moves there before it is quantized: NF4 quantization runs on the GPU (a 7B
+    model's is minutes on a CPU), and the device never holds more than one dense weight."""
     if cfg.method == "full":
         return model
     targets = [
@@ -235,7 +237,7 @@ def apply_loqt(model: nn.Module, cfg: LoQTConfig) -> nn.Module:
     for name, linear in targets:
         parent_name, child = name.rsplit(".", 1)
         layer = LoQTLinear(
-            linear,
+            linear if device is None else linear.to(device),
             cfg.rank,
             cfg.lora_alpha,
             quantize=cfg.method == "loqt",

@@ -181,7 +181,7 @@ class Trainer:
             seed=cfg.train.seed,
             path=cfg.model.path,
         )
-        self.model = apply_loqt(model, cfg.loqt).to(self.device)
+        self.model = apply_loqt(model, cfg.loqt, self.device).to(self.device)
         if not cfg.train.master_weights:  # 16-bit mode: NF4 buffers keep their own dtypes (quant.py)
             self.model.to(torch.bfloat16)
         self.model.train()

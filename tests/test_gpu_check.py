@@ -23,13 +23,16 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     results = json.loads((out / "gpu_check.json").read_text())
     assert results["mode"] == "cpu"
     steps = results["steps"]
-    assert list(steps) == ["env", "cuda_tests", "train_60m", "profile", "train_1b", "train_7b"]
+    assert list(steps) == ["env", "cuda_tests", "train_60m", "profile", "svd", "train_1b", "train_7b"]
     assert all(step["status"] == "ok" for step in steps.values()), steps
     assert "skipped" in steps["cuda_tests"]["result"]["summary"]  # no CUDA here: they skip, not fail
     speed = steps["train_60m"]["result"]
     assert speed["loqt"]["tokens_per_s"] > 0 and speed["loqt"]["updates_after_step_0"] == 1
     assert speed["loqt_over_full_tokens_per_s"] > 0
     assert steps["train_1b"]["result"]["recommended_micro_batch"] >= 1
+    svd = steps["svd"]["result"]["tiny"]
+    assert svd["svd"]["subspace_kept"] == pytest.approx(1, abs=1e-4)  # against itself
+    assert 0 < svd["svd_lowrank"]["subspace_kept"] <= 1 + 1e-4 and svd["gram_eigh"]["seconds"] > 0
     assert "aten::mm" in (out / "profile.txt").read_text()
     assert "| train_60m | ok |" in proc.stdout  # the summary table
     assert len(list(out.iterdir())) <= 8  # what comes back from the GPU machine
