@@ -92,10 +92,9 @@ def measure(cfg, steps: int, keep=lambda partial: None) -> dict:
     from loqt_ray.trainer import Trainer
 
     cfg.train.steps = cfg.train.eval_every = cfg.train.log_every = steps
-    if torch.cuda.is_available():  # a step may measure two runs: the peak is this one's alone
-        gc.collect()
+    if torch.cuda.is_available():  # a step may measure two runs: free the first (the Trainer
+        gc.collect()  # resets the peak once it is built)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer = Trainer(cfg, make_engine=engine_for(cfg))
     cuda = trainer.device.type == "cuda"
@@ -187,55 +186,97 @@ def step_train_60m(check: Check) -> dict:
 
 
 def step_profile(check: Check) -> dict:
-    """One LoQT step (not a merge step) under torch.profiler: the top operators by self time."""
+    """One full-rank and one LoQT step (not merge steps) of train_60m's run, each timed alone and
+    under torch.profiler: host time against device time says whether a step waits for the GPU
+    or for Python and kernel launches. And where a LoQT step makes the host wait for the GPU
+    (torch's sync debug mode), by source line. LoQT's top operators go to profile.txt."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from loqt_ray.distributed import DeepSpeedEngine
     from loqt_ray.trainer import Trainer
 
     batch = 4 if check.cpu else 64  # as train_60m runs it
     rank = "loqt.rank=16" if check.cpu else "loqt.rank=128"
-    cfg = check.config(
-        "60m", f"train.micro_batch_size={batch}", rank, "loqt.update_interval=100", "train.steps=100"
-    )
-    trainer = Trainer(cfg, make_engine=DeepSpeedEngine)
-    for _ in range(2):
-        trainer.train_step()  # the step-0 merge and a warm-up step
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    results = {}
+    for method in ("full", "loqt"):
+        cfg = check.config("60m", f"loqt.method={method}", f"train.micro_batch_size={batch}", rank,
+                           "loqt.update_interval=100", "train.steps=100")  # fmt: skip
+        trainer = Trainer(cfg, make_engine=DeepSpeedEngine)
+        for _ in range(2):
+            trainer.train_step()  # the step-0 merge and a warm-up step
+        cuda = trainer.device.type == "cuda"
+        start = time.perf_counter()
+        trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        row = {"step_ms": 1000 * (time.perf_counter() - start), **_profiled_step(trainer, cuda)}
+        if method == "loqt":
+            (check.out / "profile.txt").write_text(
+                f"{cfg.model.size} LoQT, micro-batch {batch}, one step\n{row.pop('table')}\n"
+            )
+            row["host_syncs"] = _host_syncs(trainer) if cuda else {}
+        row.pop("table", None)
+        results[method] = row
+        print(method, row, flush=True)
+    return results
+
+
+def _profiled_step(trainer, cuda: bool) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         trainer.train_step()
-        if trainer.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-    key = "self_device_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=25)
-    (check.out / "profile.txt").write_text(
-        f"{cfg.model.size} LoQT, micro-batch {batch}, sorted by {key}\n{table}\n"
-    )
-    syncs = [e for e in prof.key_averages() if "item" in e.key or "_local_scalar_dense" in e.key]
-    return {"sorted_by": key, "host_syncs_in_step": sum(e.count for e in syncs)}
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return {
+        "profiled_host_ms": sum(e.self_cpu_time_total for e in events) / 1000,
+        "profiled_device_ms": sum(e.self_device_time_total for e in events) / 1000 if cuda else None,
+        "table": f"sorted by {key}\n" + events.table(sort_by=key, row_limit=25),
+    }
+
+
+def _host_syncs(trainer) -> dict:
+    """Where one training step makes the host wait for the GPU: source line -> count."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    lines = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return {line: lines.count(line) for line in sorted(set(lines))}
 
 
 def step_svd(check: Check) -> dict:
     """Seconds to take P (the top-r right singular vectors) from one layer's gradient, for each
-    model's largest linear (out x in, the LLaMA MLP's), by LoQTLinear's exact SVD and by cheaper
-    routes, with how much of the exact P's subspace each keeps (1 = all of it). The gradient is
-    synthetic with a decaying spectrum, as real ones have; a refresh does this for every layer."""
+    model's largest linear (out x in, the LLaMA MLP's): torch.linalg.svd's default driver (the
+    reference), the trainer's own (loqt.reduced_svd: gesvda on CUDA) and two cheaper
+    approximations, with how much of the reference P's subspace each keeps (1 = all of it). The
+    gradient is synthetic with a decaying spectrum, as real ones have; a refresh does this for
+    every wrapped layer (7 per block)."""
     import torch
+
+    from loqt_ray.loqt import reduced_svd
 
     device = "cpu" if check.cpu else "cuda"
     shapes = {"nano": (172, 64, 8), "tiny": (688, 256, 32)} if check.cpu else {
         "60m": (1376, 512, 128), "1b": (5461, 2048, 512), "7b": (11008, 4096, 1024)}  # fmt: skip
     methods = {
         "svd": lambda g, r: torch.linalg.svd(g, full_matrices=False)[2][:r],
+        "trainer": lambda g, r: reduced_svd(g)[2][:r],
         "svd_lowrank": lambda g, r: torch.svd_lowrank(g, q=min(r + 16, min(g.shape)), niter=2)[2][:, :r].T,
         "gram_eigh": lambda g, r: torch.linalg.eigh(g.T @ g)[1][:, -r:].flip(1).T,
     }
-    if device == "cuda":
-        for driver in ("gesvdj", "gesvda"):
-            methods[f"svd_{driver}"] = lambda g, r, d=driver: torch.linalg.svd(
-                g, full_matrices=False, driver=d
-            )[2][:r]
     results = {}
     gen = torch.Generator(device).manual_seed(0)
     for model, (out, inp, rank) in shapes.items():
@@ -266,17 +307,27 @@ def step_svd(check: Check) -> dict:
 
 
 def step_train_1b(check: Check) -> dict:
+    """1b LoQT, then full-rank, each at the largest micro-batch the estimator fits into 90 % of
+    the GPU: the estimate checked where it matters most (a wrong one runs out of memory), and
+    the speed of the two at a size where the GPU, not the host, sets the pace."""
     import torch
 
     from loqt_ray.memory import largest_trainer_batch
 
     rank = "loqt.rank=32" if check.cpu else "loqt.rank=512"
-    cfg = check.config("1b", rank, "loqt.schedule=static", "loqt.update_interval=100")
     budget = 1.0 if check.cpu else 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30
-    batch, _ = largest_trainer_batch(cfg, budget)
-    cfg.train.micro_batch_size = min(batch, 8) if check.cpu else batch
-    known = {"budget_gib": budget, "recommended_micro_batch": batch}
-    return {**known, **measure(cfg, 4 if check.cpu else 8, lambda partial: check.keep({**known, **partial}))}
+    runs = {}
+    for method in ("loqt", "full"):
+        cfg = check.config(
+            "1b", f"loqt.method={method}", rank, "loqt.schedule=static", "loqt.update_interval=100"
+        )
+        batch, _ = largest_trainer_batch(cfg, budget)
+        cfg.train.micro_batch_size = min(batch, 8) if check.cpu else batch
+        known = {"budget_gib": budget, "recommended_micro_batch": batch}
+        keep = lambda partial, known=known, method=method: check.keep({**runs, method: {**known, **partial}})
+        runs[method] = {**known, **measure(cfg, 4 if check.cpu else 8, keep)}
+    runs["loqt_over_full_tokens_per_s"] = runs["loqt"]["tokens_per_s"] / runs["full"]["tokens_per_s"]
+    return runs
 
 
 def step_train_7b(check: Check) -> dict:
@@ -368,9 +419,19 @@ def summary(results: dict) -> str:
             text = (f"LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f}; merge share "
                     f"{100 * r['loqt']['update_share']:.1f} %; peak/estimate full "
                     f"{_ratio(r['full'])}, loqt {_ratio(r['loqt'])}")  # fmt: skip
-        elif name in ("train_1b", "train_7b") and r:
+        elif name == "train_1b" and r:
+            text = "; ".join(_run_text(f"{m}: ", r[m]) for m in ("loqt", "full"))
+            text += f"; LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f}"
+        elif name == "train_7b" and r:
+            text = _run_text("", r)
+        elif name == "profile" and r:
             text = (
-                f"micro-batch {r['micro_batch']}, {r['tokens_per_s']:.0f} tokens/s, peak/estimate {_ratio(r)}"
+                "; ".join(
+                    f"{m} step {v['step_ms']:.0f} ms (profiled: host {v['profiled_host_ms']:.0f} ms, device "
+                    f"{v['profiled_device_ms'] or 0:.0f} ms)"
+                    for m, v in r.items()
+                )
+                + f"; LoQT host syncs {sum(r['loqt']['host_syncs'].values())}"
             )
         elif name == "svd" and r:
             text = "; ".join(
@@ -389,6 +450,12 @@ def summary(results: dict) -> str:
             text = ", ".join(f"{k}={v}" for k, v in r.items()) if r else ""
         lines.append(f"| {name} | {step['status']} | {step['seconds']} | {text} |")
     return "\n".join(lines)
+
+
+def _run_text(prefix: str, r: dict) -> str:
+    return (
+        f"{prefix}micro-batch {r['micro_batch']}, {r['tokens_per_s']:.0f} tokens/s, peak/estimate {_ratio(r)}"
+    )
 
 
 def _ratio(run: dict) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from .config import Config
 from .engine import held_bytes, optimizer_tensors
+from .memory import zero_bucket
 from .optim import make_optimizer
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -52,12 +53,17 @@ def ensure_process_group(cuda: bool) -> None:
     torch.distributed.init_process_group(backend, rank=0, world_size=1)
 
 
-def deepspeed_config(cfg: Config, use_bf16: bool) -> dict:
+def deepspeed_config(cfg: Config, use_bf16: bool, trainable: int) -> dict:
+    bucket = zero_bucket(trainable)
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.scale.zero_stage},
+        "zero_optimization": {
+            "stage": cfg.scale.zero_stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        },
         "bf16": {"enabled": use_bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -79,7 +85,7 @@ class DeepSpeedEngine:
             model=model,
             optimizer=make_optimizer(self.params, cfg.optim, cfg.peak_lr()),
             model_parameters=self.params,
-            config=deepspeed_config(cfg, use_bf16),
+            config=deepspeed_config(cfg, use_bf16, sum(p.numel() for p in self.params)),
             dist_init_required=False,
         )
         self.model = self.engine  # forwards go through the engine

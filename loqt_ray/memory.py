@@ -38,6 +38,15 @@ from .config import LINEAR_NAMES, MODEL_SIZES, Config, ModelShape
 METHODS = ("full", "lora", "galore", "loqt", "loqt-nq")
 GIB = 2**30
 BNB_8BIT_MIN_SIZE, BNB_8BIT_BLOCK = 4096, 256
+# DeepSpeed's default ZeRO bucket, in elements. ZeRO-1/2 allocate a whole bucket at every
+# backward however few values there are to reduce (0.93 GiB of bf16 beside a 60m LoQT model's
+# 0.04 GiB of trainable values), so distributed.py asks for no more than the values it reduces.
+ZERO_BUCKET = 500_000_000
+
+
+def zero_bucket(trainable: int) -> int:
+    """The ZeRO reduce/all-gather bucket for `trainable` values (elements): one holds them all."""
+    return min(ZERO_BUCKET, trainable)
 
 
 @dataclass(frozen=True)
@@ -208,13 +217,16 @@ def saved_activation_bytes(
     more (normalized values, q, k, v, the attention output; SDPA's CPU kernels save slightly
     different sets by shape: 130m measured 5.3h, tiny 6.5h), gate, SiLU, up and their product
     (4i), and the LoQT factors' r-wide intermediates (6r measured); then the final norm, and the
-    loss's fp32 log-softmax plus the fp32 and compute-dtype gradients of the logits, which exist
-    together at the start of backward."""
+    loss's fp32 log-softmax plus, at the start of backward, the gradients of the logits: two fp32
+    ones (log-softmax's incoming and outgoing gradient) and one in the compute dtype. (The CPU
+    saved-tensor count cannot see those transients; an H200 run, 60m at 16k tokens, peaked one
+    fp32 logits-sized tensor above the count with one fp32 gradient, and a 1b run ran out of
+    memory asking for exactly that tensor.)"""
     per_layer = 2 * shape.hidden * 4 + (6 * shape.hidden + 4 * shape.intermediate) * width
     if low_rank:
         per_layer += 6 * rank * width
     final = shape.hidden * (4 + width)
-    logits = vocab * (4 + 4 + width)
+    logits = vocab * (4 + 4 + 4 + width)
     return tokens * (shape.layers * per_layer + final + logits)
 
 
@@ -304,8 +316,10 @@ def trainer_estimate(cfg: Config, batch: int | None = None) -> TrainerEstimate:
         weights=_frozen_bytes(cfg, mats, ranks, width) + width * count,
         master=master,
         # Per-layer updates free each gradient inside backward; otherwise every parameter's .grad
-        # exists during backward (ZeRO-2 then reduces it into its shard).
-        gradients=width * (max(trainable) if plain else count),
+        # exists during backward, and ZeRO reduces it through its bucket into the shard (ZeRO-1
+        # stages it in fp32, ZeRO-2 in the values' width).
+        gradients=width * (max(trainable) if plain else count)
+        + (zero_bucket(count) * (4.0 if cfg.scale.zero_stage == 1 else width) if sharded else 0.0),
         optimizer_states=adam_bytes(trainable, _optimizer_assumptions(cfg, state_width)) / shards,
         step_temporaries=step_temporaries(cfg, max(trainable), state_width),
         activations=saved_activation_bytes(

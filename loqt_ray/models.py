@@ -33,10 +33,30 @@ def llama_config(size: str, vocab_size: int, max_position_embeddings: int = 1024
 
 
 def build_model(
-    size: str, vocab_size: int, max_position_embeddings: int = 1024, seed: int = 0, path: str | None = None
+    size: str,
+    vocab_size: int,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+    path: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> LlamaForCausalLM:
-    """A random-init model of a registry size, or the model saved in a local directory."""
+    """A random-init model of a registry size, built and initialised on `device` (a seed gives
+    different weights on a GPU than on the CPU: their generators differ), or the model saved in
+    a local directory (loaded on the CPU)."""
     if path is not None:
         return LlamaForCausalLM.from_pretrained(Path(path), torch_dtype=torch.float32, local_files_only=True)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(size, vocab_size, max_position_embeddings))
+    with torch.device(device):
+        return LlamaForCausalLM(llama_config(size, vocab_size, max_position_embeddings))
+
+
+def build_device(size: str, vocab_size: int, device: torch.device) -> torch.device:
+    """Where to build a model that trains on `device`: that GPU when it has room for the dense fp32
+    model with a quarter to spare (random init of a 7B model took 116 s on the 16 cores of our
+    H200 test machine; LoQT then quantizes it layer by layer where it is), else the CPU (a 24 GB
+    GPU cannot hold a dense fp32 7B model: its weights come over one layer at a time)."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    dense = 4 * MODEL_SIZES[size].parameter_count(vocab_size)
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if free > 1.25 * dense else torch.device("cpu")

@@ -23,7 +23,7 @@ from .config import Config
 from .data import IGNORE_INDEX, PackedSplit, SequenceStream, prepare, val_rows
 from .engine import Engine, PlainEngine
 from .loqt import apply_loqt, loqt_layers
-from .models import build_model
+from .models import build_device, build_model
 from .optim import lr_factor
 from .schedule import UpdateSchedule
 
@@ -174,12 +174,14 @@ class Trainer:
             )
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.data = prepare(cfg.data)
+        vocab = len(self.data.tokenizer)
         model = build_model(
             cfg.model.size,
-            len(self.data.tokenizer),
+            vocab,
             cfg.model.max_position_embeddings,
             seed=cfg.train.seed,
             path=cfg.model.path,
+            device=build_device(cfg.model.size, vocab, self.device),
         )
         self.model = apply_loqt(model, cfg.loqt, self.device).to(self.device)
         if not cfg.train.master_weights:  # 16-bit mode: NF4 buffers keep their own dtypes (quant.py)
@@ -189,6 +191,8 @@ class Trainer:
         self.layers = [layer for _, layer in self.named_layers]
         self.schedule = UpdateSchedule(cfg.loqt, cfg.train.steps)
         self.engine: Engine = make_engine(self.model, cfg)
+        if use_cuda:  # the peak a run logs is training's, not the dense model a GPU build held
+            torch.cuda.reset_peak_memory_stats(self.device)
         # bf16 compute with fp32 parameters (the optimizer keeps full-precision values); in the
         # 16-bit mode the parameters are bf16 already and autocast has nothing to do
         autocast = cfg.train.dtype == "bfloat16" and cfg.train.master_weights

@@ -22,7 +22,9 @@ def test_nf4_quantized_on_cuda_matches_the_cpu_within_quantization_error():
     assert on_gpu.packed.is_cuda
     error = (on_cpu.dequantize() - w).abs().max()
     assert (on_gpu.dequantize().cpu() - on_cpu.dequantize()).abs().max() <= error
-    assert torch.allclose(on_cpu.to("cuda").dequantize().cpu(), on_cpu.dequantize(), atol=1e-6)
+    moved = copy.deepcopy(on_cpu).to("cuda")  # Module.to moves in place: keep the CPU one
+    assert moved.packed.is_cuda and torch.equal(moved.packed.cpu(), on_cpu.packed)
+    assert torch.allclose(moved.dequantize().cpu(), on_cpu.dequantize(), atol=1e-6)
 
 
 def test_loqt_linear_forward_backward_merge_refresh_on_cuda_equals_the_cpu():
@@ -43,8 +45,18 @@ def test_loqt_linear_forward_backward_merge_refresh_on_cuda_equals_the_cpu():
             layer.B.copy_(layer.update(None, layer.take_gradient(), 5))  # merge, refresh P, recompensate
     assert torch.allclose(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)  # bf16 compute
     assert torch.allclose(grads[0], grads[1], rtol=5e-2, atol=1e-3)
-    merged = [layer.dense_weight().cpu() + layer.delta().cpu() for layer in (cpu, gpu)]
-    assert (merged[0] - merged[1]).abs().max() < 2e-2 * merged[0].abs().max()
+    # The refresh found the same subspace from the two bf16 gradients...
+    p_cpu, p_gpu = (layer.projection_matrix().cpu() for layer in (cpu, gpu))
+    if not cpu.p_is_a:  # P is out x r: its columns span the subspace
+        p_cpu, p_gpu = p_cpu.T, p_gpu.T
+    assert (p_gpu @ p_cpu.T).pow(2).sum() / cpu.rank > 0.9  # NF4-stored P: not exactly orthonormal
+    # ...and both merges represent W as well as NF4 plus compensation can (elementwise they may
+    # round a value into neighbouring NF4 bins: a P that differs in bf16 noise moves the target).
+    w = linear.weight.detach()
+    errors = [
+        (layer.dense_weight().cpu() + layer.delta().cpu() - w).norm() / w.norm() for layer in (cpu, gpu)
+    ]
+    assert errors[1] < 1.1 * errors[0] + 1e-3 and errors[0] < 0.1, errors
 
 
 def test_a_checkpoint_saved_on_the_gpu_loads_on_the_cpu(data_dir, tmp_path):

@@ -29,10 +29,15 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     speed = steps["train_60m"]["result"]
     assert speed["loqt"]["tokens_per_s"] > 0 and speed["loqt"]["updates_after_step_0"] == 1
     assert speed["loqt_over_full_tokens_per_s"] > 0
-    assert steps["train_1b"]["result"]["recommended_micro_batch"] >= 1
+    big = steps["train_1b"]["result"]
+    assert big["loqt"]["recommended_micro_batch"] >= 1 and big["full"]["recommended_micro_batch"] >= 1
+    assert big["loqt_over_full_tokens_per_s"] > 0
     svd = steps["svd"]["result"]["tiny"]
     assert svd["svd"]["subspace_kept"] == pytest.approx(1, abs=1e-4)  # against itself
+    assert svd["trainer"]["subspace_kept"] == pytest.approx(1, abs=1e-4)  # the CPU's is the default driver
     assert 0 < svd["svd_lowrank"]["subspace_kept"] <= 1 + 1e-4 and svd["gram_eigh"]["seconds"] > 0
     assert "aten::mm" in (out / "profile.txt").read_text()
+    profile = steps["profile"]["result"]
+    assert profile["loqt"]["step_ms"] > 0 and profile["full"]["profiled_host_ms"] > 0
     assert "| train_60m | ok |" in proc.stdout  # the summary table
     assert len(list(out.iterdir())) <= 8  # what comes back from the GPU machine
