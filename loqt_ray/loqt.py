@@ -70,6 +70,15 @@ def reduced_svd(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return torch.linalg.svd(g, full_matrices=False)
 
 
+def pseudo_inverse(a: torch.Tensor) -> torch.Tensor:
+    """torch.linalg.pinv(a) (same cutoff: singular values at or below max(m, n)·eps of the largest
+    are dropped), through reduced_svd: a merge takes P's pseudo-inverse for every wrapped layer,
+    so on CUDA it should not pay the default driver's price."""
+    u, s, vh = reduced_svd(a)
+    cutoff = s.max() * max(a.shape) * torch.finfo(s.dtype).eps
+    return (vh.T * torch.where(s > cutoff, s.reciprocal(), torch.zeros_like(s))) @ u.T
+
+
 def compensate(
     w_fp: torch.Tensor, proj: torch.Tensor, scale: float, iters: int, p_is_a: bool, roundtrip
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +88,7 @@ def compensate(
     b_shape = (w_fp.shape[0], proj.shape[0]) if p_is_a else (proj.shape[1], w_fp.shape[1])
     if iters == 0:
         return w_fp, w_fp.new_zeros(b_shape)
-    pinv = torch.linalg.pinv(proj)
+    pinv = pseudo_inverse(proj)
     low_rank = (lambda b: b @ proj) if p_is_a else (lambda b: proj @ b)
     target, best = w_fp, None
     for _ in range(iters):

@@ -230,9 +230,9 @@ class Trainer:
                 layer.start_capture(self.capture_reduce)
         for _ in range(train.grad_accum):
             ids, labels = self.stream.next_batch()
-            with self.autocast:
-                out = self.engine.model(input_ids=ids.to(self.device), labels=labels.to(self.device))
-            loss = out.loss / train.grad_accum
+            with self.autocast:  # only the loss is kept: the logits go before backward
+                loss = self.engine.model(input_ids=ids.to(self.device), labels=labels.to(self.device)).loss
+            loss = loss / train.grad_accum
             self.engine.backward(loss)
             self._loss_sum += loss.detach().float()
         self._steps_summed += 1
