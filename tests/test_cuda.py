@@ -60,6 +60,7 @@ def test_loqt_linear_forward_backward_merge_refresh_on_cuda_equals_the_cpu():
 
 
 def test_a_checkpoint_saved_on_the_gpu_loads_on_the_cpu(data_dir, tmp_path):
+    from loqt_ray.models import build_device
     from loqt_ray.trainer import Trainer
 
     def cfg(use_gpu):
@@ -67,6 +68,7 @@ def test_a_checkpoint_saved_on_the_gpu_loads_on_the_cpu(data_dir, tmp_path):
 
     gpu = Trainer(cfg(True))
     assert gpu.device.type == "cuda"
+    assert build_device("nano", 2048, gpu.device).type == "cuda"  # built there: room for a nano model
     for _ in range(2):
         gpu.train_step()
     checkpoint.write(tmp_path / "c", gpu.checkpointer.state(gpu.step, gpu.counters))

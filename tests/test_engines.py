@@ -29,6 +29,8 @@ def test_a_merge_through_deepspeed_reaches_its_fp32_master_copy(data_dir):
     assert any(layer.B.abs().sum() > 0 for layer in trainer.layers)  # compensation's B, not zeros
     trainable = sum(p.numel() for p in trainer.engine.params)
     assert final["master_bytes"] == 4 * trainable  # ZeRO's fp32 partition (all of it on one rank)
+    # ZeRO's bucket holds what there is to reduce, not DeepSpeed's default 5e8 values (0.93 GiB)
+    assert trainer.engine.optimizer.reduce_bucket_size == trainable
 
 
 def test_8bit_adam_at_zero_stage_0_resumes_exactly(data_dir, tmp_path):

@@ -181,6 +181,15 @@ def compensation_error(iters, quantize_projection=False):
     return torch.linalg.matrix_norm(w_fp - effective_weight(layer)).item()
 
 
+@pytest.mark.parametrize("shape", [(8, 64), (64, 8)])
+def test_the_pseudo_inverse_is_torchs_on_the_cpu(shape):
+    from loqt_ray.loqt import pseudo_inverse
+
+    a = torch.randn(*shape)
+    a[0] = 0  # a rank-deficient P: the cutoff drops its zero singular value as pinv does
+    assert torch.equal(pseudo_inverse(a), torch.linalg.pinv(a))
+
+
 def test_error_compensation_lowers_the_approximation_error():
     plain, compensated = compensation_error(0), compensation_error(5)
     assert compensated < 0.95 * plain
