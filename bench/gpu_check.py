@@ -30,7 +30,7 @@ STEPS = {
     "train_60m": (150, "60m LoQT and full-rank in bf16 through DeepSpeed: tokens/s, peak memory vs estimate"),
     "profile": (60, "one LoQT step under torch.profiler"),
     "svd": (90, "a refresh's SVD per layer shape: torch.linalg.svd against faster ways to the same P"),
-    "train_1b": (120, "1b LoQT at the estimator's largest micro-batch for this GPU"),
+    "train_1b": (150, "1b LoQT at the estimator's largest micro-batch; full-rank and LoQT speed"),
     "train_7b": (240, "jobs/train_7b_24gb.yaml: a few steps, peak memory vs estimate"),
 }
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -307,25 +307,31 @@ def step_svd(check: Check) -> dict:
 
 
 def step_train_1b(check: Check) -> dict:
-    """1b LoQT, then full-rank, each at the largest micro-batch the estimator fits into 90 % of
-    the GPU: the estimate checked where it matters most (a wrong one runs out of memory), and
-    the speed of the two at a size where the GPU, not the host, sets the pace."""
+    """1b LoQT at the largest micro-batch the estimator fits into 90 % of the GPU (the estimate
+    checked where it matters most: a wrong one runs out of memory), then full-rank and LoQT at one
+    micro-batch both fit with room to spare: their speed where the GPU, not the host, sets the
+    pace. (Full-rank at its own largest micro-batch ran out of memory on an H200: README.)"""
     import torch
 
     from loqt_ray.memory import largest_trainer_batch
 
     rank = "loqt.rank=32" if check.cpu else "loqt.rank=512"
     budget = 1.0 if check.cpu else 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30
+    steps = 4 if check.cpu else 8
     runs = {}
-    for method in ("loqt", "full"):
-        cfg = check.config(
-            "1b", f"loqt.method={method}", rank, "loqt.schedule=static", "loqt.update_interval=100"
-        )
-        batch, _ = largest_trainer_batch(cfg, budget)
-        cfg.train.micro_batch_size = min(batch, 8) if check.cpu else batch
-        known = {"budget_gib": budget, "recommended_micro_batch": batch}
-        keep = lambda partial, known=known, method=method: check.keep({**runs, method: {**known, **partial}})
-        runs[method] = {**known, **measure(cfg, 4 if check.cpu else 8, keep)}
+
+    def run(name: str, method: str, batch: int, known: dict) -> None:
+        cfg = check.config("1b", f"loqt.method={method}", rank, "loqt.schedule=static",
+                           "loqt.update_interval=100", f"train.micro_batch_size={batch}")  # fmt: skip
+        keep = lambda partial: check.keep({**runs, name: {**known, **partial}})
+        runs[name] = {**known, **measure(cfg, steps, keep)}
+
+    largest, _ = largest_trainer_batch(check.config("1b", rank), budget)
+    run("loqt_largest", "loqt", min(largest, 8) if check.cpu else largest,
+        {"budget_gib": budget, "recommended_micro_batch": largest})  # fmt: skip
+    shared = 2 if check.cpu else 32
+    for method in ("full", "loqt"):
+        run(method, method, shared, {})
     runs["loqt_over_full_tokens_per_s"] = runs["loqt"]["tokens_per_s"] / runs["full"]["tokens_per_s"]
     return runs
 
@@ -420,7 +426,7 @@ def summary(results: dict) -> str:
                     f"{100 * r['loqt']['update_share']:.1f} %; peak/estimate full "
                     f"{_ratio(r['full'])}, loqt {_ratio(r['loqt'])}")  # fmt: skip
         elif name == "train_1b" and r:
-            text = "; ".join(_run_text(f"{m}: ", r[m]) for m in ("loqt", "full"))
+            text = "; ".join(_run_text(f"{m}: ", r[m]) for m in ("loqt_largest", "full", "loqt"))
             text += f"; LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f}"
         elif name == "train_7b" and r:
             text = _run_text("", r)
