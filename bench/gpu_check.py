@@ -28,7 +28,10 @@ STEPS = {
     "env": (60, "versions and the device"),
     "cuda_tests": (150, "the CUDA-marked tests: NF4, LoQTLinear and checkpoints on the GPU against the CPU"),
     "train_60m": (150, "60m LoQT and full-rank in bf16 through DeepSpeed: tokens/s, peak memory vs estimate"),
-    "profile": (60, "one LoQT step under torch.profiler"),
+    "profile": (
+        60,
+        "one full-rank and one LoQT step, timed and under torch.profiler; the LoQT step's host syncs",
+    ),
     "svd": (90, "a refresh's SVD per layer shape: torch.linalg.svd against faster ways to the same P"),
     "train_1b": (150, "1b LoQT at the estimator's largest micro-batch; full-rank and LoQT speed"),
     "train_7b": (240, "jobs/train_7b_24gb.yaml: a few steps, peak memory vs estimate"),
@@ -65,6 +68,13 @@ class Check:
 
     def size(self, name: str) -> str:
         return SIZES[name] if self.cpu else name
+
+    def config_60m(self, method: str, *extra: str):
+        """train_60m's run, which the profile step times too: micro-batch 64 (what the estimator fits
+        60m into on a 24 GiB GPU) and the paper's rank for 60m (128); tiny ones on the CPU."""
+        batch, rank = (4, 16) if self.cpu else (64, 128)
+        return self.config("60m", f"loqt.method={method}", f"train.micro_batch_size={batch}",
+                           f"loqt.rank={rank}", *extra)  # fmt: skip
 
     def config(self, size: str, *extra: str):
         from loqt_ray.config import load_config
@@ -170,15 +180,11 @@ def step_cuda_tests(check: Check) -> dict:
 
 def step_train_60m(check: Check) -> dict:
     # On the GPU: the default first gap between merges (100 steps) over 200 steps, so the merge
-    # share is the recipe's; micro-batch 64, what the estimator fits 60m into on a 24 GiB GPU;
-    # the paper's rank for 60m (128).
+    # share is the recipe's.
     steps = 8 if check.cpu else 200
-    batch = 4 if check.cpu else 64
     runs = {}
     for method in ("full", "loqt"):
-        cfg = check.config("60m", f"loqt.method={method}", f"train.micro_batch_size={batch}", "loqt.rank=16"
-                           if check.cpu else "loqt.rank=128", "loqt.schedule=static",
-                           f"loqt.update_interval={steps // 2}")  # fmt: skip
+        cfg = check.config_60m(method, "loqt.schedule=static", f"loqt.update_interval={steps // 2}")
         runs[method] = measure(cfg, steps)
         print(method, runs[method], flush=True)
     runs["loqt_over_full_tokens_per_s"] = runs["loqt"]["tokens_per_s"] / runs["full"]["tokens_per_s"]
@@ -195,12 +201,9 @@ def step_profile(check: Check) -> dict:
     from loqt_ray.distributed import DeepSpeedEngine
     from loqt_ray.trainer import Trainer
 
-    batch = 4 if check.cpu else 64  # as train_60m runs it
-    rank = "loqt.rank=16" if check.cpu else "loqt.rank=128"
     results = {}
     for method in ("full", "loqt"):
-        cfg = check.config("60m", f"loqt.method={method}", f"train.micro_batch_size={batch}", rank,
-                           "loqt.update_interval=100", "train.steps=100")  # fmt: skip
+        cfg = check.config_60m(method, "loqt.update_interval=100", "train.steps=100")
         trainer = Trainer(cfg, make_engine=DeepSpeedEngine)
         for _ in range(2):
             trainer.train_step()  # the step-0 merge and a warm-up step
@@ -211,9 +214,8 @@ def step_profile(check: Check) -> dict:
             torch.cuda.synchronize()
         row = {"step_ms": 1000 * (time.perf_counter() - start), **_profiled_step(trainer, cuda)}
         if method == "loqt":
-            (check.out / "profile.txt").write_text(
-                f"{cfg.model.size} LoQT, micro-batch {batch}, one step\n{row.pop('table')}\n"
-            )
+            title = f"{cfg.model.size} LoQT, micro-batch {cfg.train.micro_batch_size}, one step"
+            (check.out / "profile.txt").write_text(f"{title}\n{row.pop('table')}\n")
             row["host_syncs"] = _host_syncs(trainer) if cuda else {}
         row.pop("table", None)
         results[method] = row

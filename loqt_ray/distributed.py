@@ -40,17 +40,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_group_backend(use_gpu: bool) -> str:
+    """NCCL for GPU runs where torch has it (gloo lacks some of the collectives ZeRO calls on CUDA
+    tensors); gloo otherwise (a CPU-only torch has no NCCL: its workers fall back to the CPU,
+    trainer.Trainer says so)."""
+    return "nccl" if use_gpu and torch.distributed.is_nccl_available() else "gloo"
+
+
 def ensure_process_group(cuda: bool) -> None:
-    """A one-process group for runs outside Ray (Ray Train sets up its own): NCCL for a model on
-    the GPU (gloo lacks some of the collectives ZeRO calls on CUDA tensors), gloo otherwise."""
+    """A one-process group for runs outside Ray (Ray Train sets up its own)."""
     if torch.distributed.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
-    backend = "nccl" if cuda and torch.distributed.is_nccl_available() else "gloo"
-    torch.distributed.init_process_group(backend, rank=0, world_size=1)
+    torch.distributed.init_process_group(process_group_backend(cuda), rank=0, world_size=1)
 
 
 def deepspeed_config(cfg: Config, use_bf16: bool, trainable: int) -> dict:

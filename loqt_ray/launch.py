@@ -204,6 +204,8 @@ def make_trainer(cfg: Config, out: Path, callbacks: list = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .distributed import process_group_backend
+
     scale = cfg.scale
     resources = worker_resources(scale)
     loop_config = {"cfg": cfg.to_dict(), "run_dir": str(out)}
@@ -216,7 +218,7 @@ def make_trainer(cfg: Config, out: Path, callbacks: list = ()):
             resources_per_worker=resources,
             placement_strategy=scale.placement_strategy,
         ),
-        torch_config=TorchConfig(backend=_backend(scale.use_gpu)),
+        torch_config=TorchConfig(backend=process_group_backend(scale.use_gpu)),
         run_config=RunConfig(
             name=cfg.train.name,
             storage_path=str(out.parent),
@@ -225,14 +227,6 @@ def make_trainer(cfg: Config, out: Path, callbacks: list = ()):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
-
-
-def _backend(use_gpu: bool) -> str:
-    """NCCL for GPU runs where torch has it; gloo otherwise (a CPU-only torch has no NCCL: its
-    workers fall back to the CPU, trainer.Trainer says so)."""
-    import torch.distributed
-
-    return "nccl" if use_gpu and torch.distributed.is_nccl_available() else "gloo"
 
 
 def resume_point(cfg: Config, out: Path) -> Path | None:
