@@ -16,7 +16,6 @@ all-reduces the captured gradients before they reach `LoQTLinear.update`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import LoQTConfig
@@ -31,26 +30,60 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _FrozenLinear(torch.autograd.Function):
-    """x · Wᵀ for the frozen weight. Nothing dense is saved for backward (W is
-    dequantized again there); on capture steps x is saved and the layer is given
-    dYᵀ·X (LoQTLinear.capture_gradient), since an NF4 tensor cannot hold .grad."""
+class _LoQTMatmul(torch.autograd.Function):
+    """y = x·Wᵀ + s·(B·P applied to x) as one autograd node with a hand-written backward.
+
+    Composed from F.linear, the layer was ~six autograd nodes and a dozen small ops forward and
+    backward; on a GPU those launches, not the arithmetic, set a LoQT step's time. Here the
+    low-rank part adds two matmuls forward (the second accumulating into y) and three backward.
+    Nothing dense is saved for backward (W is dequantized again there), only x or the rank-r
+    product the gradients need. On capture steps x is saved too and the layer is given dYᵀ·X
+    (LoQTLinear.capture_gradient), since an NF4 tensor cannot hold .grad."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: LoQTLinear, anchor: torch.Tensor | None) -> torch.Tensor:
-        ctx.layer, ctx.capture = layer, anchor is not None  # (grad mode is off in here: decide outside)
-        if ctx.capture:
-            ctx.save_for_backward(x)
-        return F.linear(x, layer.dense_weight(compute_dtype(x)))
+    def forward(ctx, x: torch.Tensor, b: torch.Tensor, layer: LoQTLinear, capture: bool) -> torch.Tensor:
+        dtype = compute_dtype(x)  # (grad and autocast decisions are taken outside: grad mode is off here)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        b_c, p = b.to(dtype), layer.projection_matrix(dtype)
+        y = x2 @ layer.dense_weight(dtype).T
+        if layer.p_is_a:  # y += s·(x·Pᵀ)·Bᵀ; B's gradient needs x·Pᵀ, not x
+            t = x2 @ p.T
+            y.addmm_(t, b_c.T, alpha=layer.scale)
+            saved = x2 if capture else None
+        else:  # y += s·(x·Bᵀ)·Pᵀ; B's gradient needs x
+            t = x2 @ b_c.T
+            y.addmm_(t, p.T, alpha=layer.scale)
+            saved, t = x2, None
+        ctx.layer, ctx.capture, ctx.x_shape, ctx.x_dtype, ctx.b_dtype = (
+            layer,
+            capture,
+            x.shape,
+            x.dtype,
+            b.dtype,
+        )
+        ctx.save_for_backward(saved, t, b_c)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        layer = ctx.layer
+        layer, s = ctx.layer, ctx.layer.scale
+        x2, t, b_c = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(b_c.dtype)
         if ctx.capture:
-            (x,) = ctx.saved_tensors
-            layer.capture_gradient(grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]))
-        grad_x = grad_out @ layer.dense_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
+            layer.capture_gradient(g, x2)
+        p = layer.projection_matrix(b_c.dtype)
+        grad_x = grad_b = None
+        # the output gradient on the rank-r side: g·B when P = A, else g·P
+        u = g @ b_c if layer.p_is_a else g @ p
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ layer.dense_weight(b_c.dtype)
+            grad_x.addmm_(u, p if layer.p_is_a else b_c, alpha=s)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            # s·gᵀ·t (P = A) or s·uᵀ·x in one kernel: with beta=0 addmm only takes b_c's shape
+            left, right = (g.T, t) if layer.p_is_a else (u.T, x2)
+            grad_b = torch.addmm(b_c, left, right, beta=0, alpha=s).to(ctx.b_dtype)
+        return grad_x, grad_b, None, None
 
 
 def reduced_svd(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,12 +198,7 @@ class LoQTLinear(nn.Module):
         return self.capture and self.training and torch.is_grad_enabled()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # On capture steps B rides along as an input that needs grad, so backward reaches this
-        # function even where x does not need grad (its gradient w.r.t. B is None).
-        y = _FrozenLinear.apply(x, self, self.B if self.capturing else None)
-        p, b = self.projection_matrix(x.dtype), self.B.to(x.dtype)
-        low = F.linear(F.linear(x, p), b) if self.p_is_a else F.linear(F.linear(x, b), p)
-        return y + self.scale * low
+        return _LoQTMatmul.apply(x, self.B, self, self.capturing)
 
     # -- refresh and merge
     def start_capture(self, reduce=None) -> None:

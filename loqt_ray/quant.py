@@ -86,32 +86,21 @@ class NF4Tensor(nn.Module):
         """Each block's absmax in float32 (undoing the double quantization, if any)."""
         if not self.double_quant:
             return self.absmax
-        state2 = bnbf.QuantState(
-            self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCK_SIZE, dtype=torch.float32
+        nested = torch.ops.bitsandbytes.dequantize_blockwise(
+            self.absmax, self.nested_absmax, self.nested_code, NESTED_BLOCK_SIZE, torch.float32
         )
-        return bnbf.dequantize_blockwise(self.absmax, state2) + self.offset
+        return nested.add_(self.offset)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W in `dtype`. Through bitsandbytes' registered ops rather than bnbf.dequantize_4bit: that
+        wrapper builds two QuantStates and validates them on every call, host time that a GPU step,
+        which dequantizes every wrapped layer twice, waits on."""
+        absmax = self.absmax_values()
         if self.packed.device.type == "cpu" and not _cpu_kernel_is_exact(self.block_size, self.shape):
-            return _dequantize_in_torch(
-                self.packed, self.absmax_values(), self.code, self.shape, self.block_size, dtype
-            )
-        state2 = None
-        if self.double_quant:
-            state2 = bnbf.QuantState(
-                self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCK_SIZE, dtype=torch.float32
-            )
-        state = bnbf.QuantState(
-            self.absmax,
-            shape=torch.Size(self.shape),
-            code=self.code,
-            blocksize=self.block_size,
-            quant_type="nf4",
-            dtype=dtype,
-            offset=self.offset if self.double_quant else None,
-            state2=state2,
+            return _dequantize_in_torch(self.packed, absmax, self.code, self.shape, self.block_size, dtype)
+        return torch.ops.bitsandbytes.dequantize_4bit(
+            self.packed, absmax, self.block_size, "nf4", list(self.shape), dtype
         )
-        return bnbf.dequantize_4bit(self.packed, state)
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) must move these buffers but never cast them: the absmax

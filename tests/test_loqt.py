@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loqt_ray import LoQTConfig, LoQTLinear, apply_loqt, update_steps
@@ -43,6 +44,42 @@ def test_forward_is_dequantized_weight_plus_scaled_low_rank(shape):
     assert torch.allclose(layer(x), expected, atol=1e-5)
     assert layer.B.shape[0 if layer.p_is_a else 1] == max(shape)  # B on the larger side
     assert min(shape) in layer.projection.shape  # P on the smaller side
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("capture", [False, True])
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+def test_hand_written_backward_matches_autograd_of_the_formula(shape, capture, autocast):
+    """The layer's one-node forward/backward gives the output and the x and B gradients that
+    autograd gives for x·Wᵀ + s·(B·P)(x) written with F.linear, on both sides of P, on capture
+    steps and under bf16 autocast (x stays fp32 there, as the residual stream is)."""
+    _, layer = make_layer(*shape)
+    randomize_adapter(layer)
+    w, p = layer.dense_weight(), layer.projection
+    b = layer.B.detach().clone().requires_grad_()
+    x = torch.randn(3, 5, shape[1], generator=torch.Generator().manual_seed(2))
+    x_ref, x_got = x.clone().requires_grad_(), x.clone().requires_grad_()
+    if capture:
+        layer.start_capture()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        low = F.linear(F.linear(x_ref, p), b) if layer.p_is_a else F.linear(F.linear(x_ref, b), p)
+        expected = F.linear(x_ref, w) + 0.5 * low
+        got = layer(x_got)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    (expected.float() * weights).sum().backward()
+    (got.float() * weights).sum().backward()
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
+    assert x_got.grad.dtype == torch.float32 and layer.B.grad.dtype == torch.float32
+    assert torch.allclose(got.float(), expected.float(), **tol)
+    assert torch.allclose(x_got.grad, x_ref.grad, **tol)
+    assert torch.allclose(layer.B.grad, b.grad, **tol)
+    if capture:  # W's gradient, which no parameter holds, reached the layer
+        dense = w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            reference = F.linear(x, dense)
+        (reference.float() * weights).sum().backward()
+        assert torch.allclose(layer.take_gradient(), dense.grad, **tol)
 
 
 def test_rank_is_capped_by_the_layer():
