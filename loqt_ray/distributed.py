@@ -58,6 +58,17 @@ def ensure_process_group(cuda: bool) -> None:
     torch.distributed.init_process_group(process_group_backend(cuda), rank=0, world_size=1)
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce. Its communication backend
+    JIT-builds that C++ op when it starts (29 s of two compilers on this project's 2-core machine,
+    the first time on a machine, and a compiler every CPU machine would need), yet only its
+    inference all-reduce calls the op: training's collectives go through the torch process group
+    either way. deepspeed.comm's build_shm_op skips an op its compatibility table marks off."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {**deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm": False}
+
+
 def deepspeed_config(cfg: Config, use_bf16: bool, trainable: int) -> dict:
     bucket = zero_bucket(trainable)
     return {
@@ -83,6 +94,7 @@ class DeepSpeedEngine:
 
         cuda = next(model.parameters()).is_cuda
         ensure_process_group(cuda)
+        skip_shm_comm_build()
         self.cfg = cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
         use_bf16 = cfg.train.dtype == "bfloat16" and cuda

@@ -142,18 +142,6 @@ def wait_for(what: str, check, timeout: float, every: float = 1.0):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def torch_extensions_dir() -> str:
-    """Where torch builds extensions for this user: $TORCH_EXTENSIONS_DIR, or as torch names it."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    if "TORCH_EXTENSIONS_DIR" in os.environ:
-        return os.environ["TORCH_EXTENSIONS_DIR"]
-    cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    return str(
-        Path(get_default_build_root()) / f"py{sys.version_info[0]}{sys.version_info[1]}{sys.abiflags}_{cuda}"
-    )
-
-
 class Cluster:
     """A head and a second node, started with `ray start` as the README says: each 1 CPU on
     127.0.0.1 with its own temp dir and resource label, token auth on (a token in their HOME)."""
@@ -164,9 +152,6 @@ class Cluster:
             "HOME": str(home),
             "RAY_AUTH_MODE": "token",
             "PATH": f"{BIN}:{os.environ['PATH']}",
-            # DeepSpeed's CPU op is JIT-compiled once per machine (half a minute): keep using the
-            # build the other tests made, which another HOME would not find.
-            "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
         }
         self.env.pop("RAY_ADDRESS", None)
         self.port, self.dashboard = free_port(), free_port()

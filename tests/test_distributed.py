@@ -17,7 +17,7 @@ from loqt_ray.config import ConfigError
 from loqt_ray.launch import run_training
 from loqt_ray.results import read_metrics
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # generous: CI compiles DeepSpeed ops first
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # generous: 2-core CI runners are slow
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ from conftest import nano_config
 
 from loqt_ray.trainer import Trainer
 
-pytestmark = pytest.mark.slow  # DeepSpeed's engine (and, on a fresh machine, its CPU op build)
+pytestmark = pytest.mark.slow  # DeepSpeed's engine
 
 
 def test_a_merge_through_deepspeed_reaches_its_fp32_master_copy(data_dir):
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     from loqt_ray.distributed import DeepSpeedEngine
@@ -31,6 +32,8 @@ def test_a_merge_through_deepspeed_reaches_its_fp32_master_copy(data_dir):
     assert final["master_bytes"] == 4 * trainable  # ZeRO's fp32 partition (all of it on one rank)
     # ZeRO's bucket holds what there is to reduce, not DeepSpeed's default 5e8 values (0.93 GiB)
     assert trainer.engine.optimizer.reduce_bucket_size == trainable
+    # DeepSpeed's CPU backend was not given its shared-memory op (compiled at its start, unused)
+    assert deepspeed.comm.comm.cdb.shm_comm_op is None
 
 
 def test_8bit_adam_at_zero_stage_0_resumes_exactly(data_dir, tmp_path):
