@@ -33,9 +33,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _LoQTMatmul(torch.autograd.Function):
     """y = x·Wᵀ + s·(B·P applied to x) as one autograd node with a hand-written backward.
 
-    Composed from F.linear, the layer was ~six autograd nodes and a dozen small ops forward and
-    backward; on a GPU those launches, not the arithmetic, set a LoQT step's time. Here the
-    low-rank part adds two matmuls forward (the second accumulating into y) and three backward.
+    One node because on a GPU a small model's LoQT step is bound by launches and Python, not by
+    arithmetic: composed from F.linear the layer is six autograd nodes and seven more kernels per
+    forward and backward (bench/bench_overhead.py). Here the low-rank part adds two matmuls
+    forward (the second accumulating into y) and three backward.
     Nothing dense is saved for backward (W is dequantized again there), only x or the rank-r
     product the gradients need. On capture steps x is saved too and the layer is given dYᵀ·X
     (LoQTLinear.capture_gradient), since an NF4 tensor cannot hold .grad."""
@@ -54,13 +55,8 @@ class _LoQTMatmul(torch.autograd.Function):
             t = x2 @ b_c.T
             y.addmm_(t, p.T, alpha=layer.scale)
             saved, t = x2, None
-        ctx.layer, ctx.capture, ctx.x_shape, ctx.x_dtype, ctx.b_dtype = (
-            layer,
-            capture,
-            x.shape,
-            x.dtype,
-            b.dtype,
-        )
+        ctx.layer, ctx.capture = layer, capture
+        ctx.x_shape, ctx.x_dtype, ctx.b_dtype = x.shape, x.dtype, b.dtype
         ctx.save_for_backward(saved, t, b_c)
         return y.view(*x.shape[:-1], y.shape[-1])
 
