@@ -198,13 +198,13 @@ def step_profile(check: Check) -> dict:
     (torch's sync debug mode), by source line. LoQT's top operators go to profile.txt."""
     import torch
 
-    from loqt_ray.distributed import DeepSpeedEngine
+    from loqt_ray.launch import engine_for
     from loqt_ray.trainer import Trainer
 
     results = {}
     for method in ("full", "loqt"):
         cfg = check.config_60m(method, "loqt.update_interval=100", "train.steps=100")
-        trainer = Trainer(cfg, make_engine=DeepSpeedEngine)
+        trainer = Trainer(cfg, make_engine=engine_for(cfg))
         for _ in range(2):
             trainer.train_step()  # the step-0 merge and a warm-up step
         cuda = trainer.device.type == "cuda"
@@ -417,45 +417,51 @@ def run_child(name: str, check: Check, limit: int, log) -> dict:
     return step
 
 
+def _profile_text(r: dict) -> str:
+    steps = "; ".join(
+        f"{m} step {v['step_ms']:.0f} ms (profiled: host {v['profiled_host_ms']:.0f} ms, device "
+        f"{v['profiled_device_ms'] or 0:.0f} ms)"
+        for m, v in r.items()
+    )
+    return f"{steps}; LoQT host syncs {sum(r['loqt']['host_syncs'].values())}"
+
+
+def _svd_text(r: dict) -> str:
+    return "; ".join(
+        f"{model} r{row['rank']}: "
+        + ", ".join(f"{m} {1000 * v['seconds']:.0f} ms" for m, v in row.items() if isinstance(v, dict))
+        for model, row in r.items()
+    )
+
+
+# How summary() states each step's result in one cell.
+STEP_TEXT = {
+    "env": lambda r: f"{r['device']}, torch {r['versions']['torch']}",
+    "cuda_tests": lambda r: r["summary"],
+    "train_60m": lambda r: (
+        f"LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f}; merge share "
+        f"{100 * r['loqt']['update_share']:.1f} %; peak/estimate full {_ratio(r['full'])}, "
+        f"loqt {_ratio(r['loqt'])}"
+    ),
+    "profile": _profile_text,
+    "svd": _svd_text,
+    "train_1b": lambda r: (
+        "; ".join(_run_text(f"{m}: ", r[m]) for m in ("loqt_largest", "full", "loqt"))
+        + f"; LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f}"
+    ),
+    "train_7b": lambda r: _run_text("", r),
+}
+
+
 def summary(results: dict) -> str:
     """The table the README and the issue note quote."""
-    steps = results["steps"]
     lines = ["| step | status | s | result |", "|---|---|---|---|"]
-    for name, step in steps.items():
-        r = step.get("result", {})
-        if name == "train_60m" and r:
-            text = (f"LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f}; merge share "
-                    f"{100 * r['loqt']['update_share']:.1f} %; peak/estimate full "
-                    f"{_ratio(r['full'])}, loqt {_ratio(r['loqt'])}")  # fmt: skip
-        elif name == "train_1b" and r:
-            text = "; ".join(_run_text(f"{m}: ", r[m]) for m in ("loqt_largest", "full", "loqt"))
-            text += f"; LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f}"
-        elif name == "train_7b" and r:
-            text = _run_text("", r)
-        elif name == "profile" and r:
-            text = (
-                "; ".join(
-                    f"{m} step {v['step_ms']:.0f} ms (profiled: host {v['profiled_host_ms']:.0f} ms, device "
-                    f"{v['profiled_device_ms'] or 0:.0f} ms)"
-                    for m, v in r.items()
-                )
-                + f"; LoQT host syncs {sum(r['loqt']['host_syncs'].values())}"
-            )
-        elif name == "svd" and r:
-            text = "; ".join(
-                f"{model} r{row['rank']}: "
-                + ", ".join(
-                    f"{m} {1000 * v['seconds']:.0f} ms" for m, v in row.items() if isinstance(v, dict)
-                )
-                for model, row in r.items()
-            )
-        elif name == "cuda_tests" and r:
-            text = r["summary"]
-        elif name == "env" and r:
-            text = f"{r['device']}, torch {r['versions']['torch']}"
-        else:
-            r = r or step.get("partial", {})  # what a failed step measured before it failed
-            text = ", ".join(f"{k}={v}" for k, v in r.items()) if r else ""
+    for name, step in results["steps"].items():
+        if step.get("result"):
+            text = STEP_TEXT[name](step["result"])
+        else:  # what a failed step measured before it failed, as it is
+            partial = step.get("partial", {})
+            text = ", ".join(f"{k}={v}" for k, v in partial.items())
         lines.append(f"| {name} | {step['status']} | {step['seconds']} | {text} |")
     return "\n".join(lines)
 

@@ -154,11 +154,10 @@ class LoQTLinear(nn.Module):
         w = linear.weight.detach().float()
         if quantize:
             self.weight_q = NF4Tensor(w, **self.nf4)
-            # The full-precision weight, kept (off the state_dict, on the CPU) until the first
-            # update compensates against it: the paper quantizes W with error compensation at step 0.
-            self.initial_weight: torch.Tensor | None = w.detach().to(
-                "cpu", copy=True
-            )  # one copy, from any device
+            # The full-precision weight, kept (off the state_dict, on the CPU: one copy from any
+            # device) until the first update compensates against it: the paper quantizes W with
+            # error compensation at step 0.
+            self.initial_weight: torch.Tensor | None = w.detach().to("cpu", copy=True)
         else:
             self.register_buffer("weight_fp", w.clone())
         p_shape = (self.rank, self.in_features) if self.p_is_a else (self.out_features, self.rank)
