@@ -258,6 +258,31 @@ def stopped_reason(exc: Exception) -> str | None:
     return None
 
 
+# How long a failed run waits for Ray to declare a silent rank's node dead (Ray's default health
+# checks take about 15 s for a node whose processes are gone).
+NODE_VERDICT_WAIT_S = 30.0
+
+
+def _silent_ranks_on_dead_nodes(failures: dict, world_size: int, out: Path) -> list[int]:
+    """Ranks that reported nothing while the others failed, on nodes Ray declares dead. A node lost
+    mid-step breaks the survivors' next collective at once and they fail first; Ray takes a few
+    health checks to declare the node dead, and until then the lost ranks' polls just hang. So
+    when only some ranks failed, wait (up to NODE_VERDICT_WAIT_S) for the verdict on the others."""
+    import ray
+
+    silent = set(range(world_size)) - set(failures)
+    if not failures or not silent:  # all ranks failed alike: an error of the run itself
+        return []
+    node_of = {row["rank"]: row["node_id"] for row in results.read_workers(out)}  # the last start's
+    deadline = time.monotonic() + NODE_VERDICT_WAIT_S
+    while True:
+        dead = {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
+        lost = sorted(rank for rank in silent if node_of.get(rank) in dead)
+        if lost or time.monotonic() > deadline:
+            return lost
+        time.sleep(1.0)
+
+
 def lost_workers_reason(exc: Exception, cfg: Config, out: Path) -> str | None:
     """One line for a run whose workers were lost (their node or process died) once
     scale.max_failures restarts were spent: which ranks, on which nodes, and how to resume."""
@@ -273,6 +298,11 @@ def lost_workers_reason(exc: Exception, cfg: Config, out: Path) -> str | None:
 
     failures = getattr(exc, "worker_failures", None) or {}
     lost = sorted(rank for rank, f in failures.items() if cause(f) is not None)
+    if lost:
+        first = str(cause(failures[lost[0]])).strip().splitlines()[0][:160]
+    else:
+        lost = _silent_ranks_on_dead_nodes(failures, cfg.scale.num_workers, out)
+        first = "Ray declared its node dead; the other ranks' collectives failed"
     if not lost:
         return None
     placed = {row["rank"]: row for row in results.read_workers(out)}  # the last start's placement
@@ -280,7 +310,6 @@ def lost_workers_reason(exc: Exception, cfg: Config, out: Path) -> str | None:
         f"rank {r} on node {placed[r]['node_id'][:12]} ({placed[r]['host']})" if r in placed else f"rank {r}"
         for r in lost
     )
-    first = str(cause(failures[lost[0]])).strip().splitlines()[0][:160]
     saved = checkpoint.latest(out)
     scale = cfg.scale
     need = f"{scale.num_workers} workers x {scale.cpus_per_worker:g} CPU" + (

@@ -152,6 +152,10 @@ class Cluster:
             "HOME": str(home),
             "RAY_AUTH_MODE": "token",
             "PATH": f"{BIN}:{os.environ['PATH']}",
+            # The head declares a node dead after 3 failed health checks a second apart (Ray's
+            # default: 5, 3 s apart): the tests that lose a node wait for that three times.
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
         }
         self.env.pop("RAY_ADDRESS", None)
         self.port, self.dashboard = free_port(), free_port()
