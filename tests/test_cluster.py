@@ -372,8 +372,9 @@ def test_a_lost_node_stops_a_run_in_one_line_and_a_rerun_allowed_a_restart_survi
     assert stopped_at >= EVERY and f"done: lost step {STEPS}" in log
 
 
-SWEEP = ["sweep.name=clustertest", "sweep.num_samples=3", "sweep.tokens_per_trial=12288",
-         "sweep.eval_every_tokens=3072", "asha.enabled=false", "trial.model.size=nano",
+# 96 steps a trial, a few seconds of training: long enough to lose node 2 while one trains there.
+SWEEP = ["sweep.name=clustertest", "sweep.num_samples=3", "sweep.tokens_per_trial=49152",
+         "sweep.eval_every_tokens=12288", "asha.enabled=false", "trial.model.size=nano",
          "trial.data.vocab_size=2048", "trial.data.seq_len=64", "trial.train.eval_tokens=2048"]  # fmt: skip
 
 
@@ -403,6 +404,11 @@ def test_a_sweep_job_runs_trials_on_both_nodes_and_goes_on_when_one_is_lost(clus
         return {run.parent: {n for p in placements(run) for n in p.values()}
                 for run in sweep_dir.glob("*/train") if (run / "workers.jsonl").exists()}  # fmt: skip
 
+    def training_on_node2() -> list[Path]:
+        """Trials with a worker on node 2 and no final checkpoint yet (a trial saves only at its end)."""
+        return [trial for trial, where in trial_nodes().items()
+                if nodes["node2"] in where and not latest(trial / "train")]  # fmt: skip
+
     # Right after the head starts, Ray may refuse a submission until its job agent has registered
     # ("No available agent to submit job"), running nothing: so try again, a bounded number of times.
     for _ in range(30):
@@ -415,10 +421,7 @@ def test_a_sweep_job_runs_trials_on_both_nodes_and_goes_on_when_one_is_lost(clus
             break
         time.sleep(2)
     try:
-        wait_for(
-            "trials on both nodes", lambda: set(nodes.values()) <= set().union(*trial_nodes().values()), 400
-        )
-        on_node2 = [trial for trial, where in trial_nodes().items() if nodes["node2"] in where]
+        on_node2 = wait_for("a trial training on node 2", training_on_node2, 400, every=0.1)
         cluster.kill_node2()
         assert job.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
@@ -431,6 +434,7 @@ def test_a_sweep_job_runs_trials_on_both_nodes_and_goes_on_when_one_is_lost(clus
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(rows) == 3 and 1 <= len(failed) <= 2 and len(failed) < len(rows)
     assert any(Path(r["dir"]) in on_node2 for r in failed)  # the trial running on the lost node
+    assert set(nodes.values()) <= set().union(*trial_nodes().values())  # trials ran on both nodes
     assert f"trial {failed[0]['trial']} failed:" in text  # the live display said so, in the job's log
     assert "of 3 trials" in text and "Configuration for experiment" not in text  # Ray's banner: in ray.log
     assert "Configuration for experiment" in (sweep_dir / "ray.log").read_text()
