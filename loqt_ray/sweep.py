@@ -489,7 +489,7 @@ def export(sweep_dir: str | Path, out: str | Path) -> dict:
     trial["train"].update(output_dir="runs", name=f"{sweep.get('sweep', {}).get('name', 'sweep')}-best")
     cfg = production_config(trial, sweep.get("production") or {})
     data = cfg.to_dict()
-    was, now = _flatten(best["config"]), _flatten(data)
+    was, now = _flatten(trial), _flatten(data)
     data["provenance"] = {
         "sweep": str(sweep_dir),
         "trial": best["trial"],

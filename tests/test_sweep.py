@@ -237,8 +237,12 @@ def test_export_resolves_a_relative_rank_on_the_production_model_and_says_what_c
     assert "  loqt.rank: 16 -> 64  (loqt.rank_fraction 0.125 of this model's hidden size)" in printed
     assert "  model.size: tiny -> 60m" in printed and "optim.lr" not in printed
     assert "memory on a 24 GiB GPU (scale.gpu_memory_gb): peak" in printed and ": fits;" in printed
-    changed = yaml.safe_load(out.read_text())["provenance"]["changed"]
+    written = yaml.safe_load(out.read_text())
+    changed = written["provenance"]["changed"]
     assert changed["loqt.rank"] == [16, 64] and "loqt.rank_fraction" not in changed
+    # Paths as the sweep file has them (the trials ran on absolute ones), and only production's changes.
+    assert (written["data"]["data_dir"], written["train"]["output_dir"]) == ("data", "runs")
+    assert not {"data.data_dir", "train.output_dir", "train.name"} & set(changed)
 
     # On a GPU too small for it the export says so, with the micro-batch that would fit.
     spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
