@@ -258,9 +258,10 @@ def stopped_reason(exc: Exception) -> str | None:
     return None
 
 
-# How long a failed run waits for Ray to declare a silent rank's node dead (Ray's default health
-# checks take about 15 s for a node whose processes are gone).
-NODE_VERDICT_WAIT_S = 30.0
+# How long a failed run waits for Ray to declare a silent rank's node dead: Ray's default health
+# checks (5 failures, 3 s apart, 10 s timeout each) take about 15 s for a node whose processes are
+# gone and up to about 55 s for a machine that stops answering.
+NODE_VERDICT_WAIT_S = 60.0
 
 
 def _silent_ranks_on_dead_nodes(failures: dict, world_size: int, out: Path) -> list[int]:
