@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 from . import checkpoint, results
 from .config import Config, ConfigError, RunStopped, from_dict
@@ -264,7 +265,7 @@ def stopped_reason(exc: Exception) -> str | None:
 NODE_VERDICT_WAIT_S = 60.0
 
 
-def _silent_ranks_on_dead_nodes(failures: dict, world_size: int, out: Path) -> list[int]:
+def _silent_ranks_on_dead_nodes(failures: dict, world_size: int, out: Path, console: TextIO) -> list[int]:
     """Ranks that reported nothing while the others failed, on nodes Ray declares dead. A node lost
     mid-step breaks the survivors' next collective at once and they fail first; Ray takes a few
     health checks to declare the node dead, and until then the lost ranks' polls just hang. So
@@ -275,18 +276,28 @@ def _silent_ranks_on_dead_nodes(failures: dict, world_size: int, out: Path) -> l
     if not failures or not silent:  # all ranks failed alike: an error of the run itself
         return []
     node_of = {row["rank"]: row["node_id"] for row in results.read_workers(out)}  # the last start's
-    deadline = time.monotonic() + NODE_VERDICT_WAIT_S
+    deadline, said = time.monotonic() + NODE_VERDICT_WAIT_S, False
     while True:
         dead = {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
         lost = sorted(rank for rank in silent if node_of.get(rank) in dead)
         if lost or time.monotonic() > deadline:
             return lost
+        if not said:
+            print(
+                f"\nrank(s) {', '.join(map(str, sorted(failures)))} failed; waiting up to "
+                f"{NODE_VERDICT_WAIT_S:.0f} s for Ray to say whether the node of rank(s) "
+                f"{', '.join(map(str, sorted(silent)))} is lost",
+                file=console,
+                flush=True,
+            )
+            said = True
         time.sleep(1.0)
 
 
-def lost_workers_reason(exc: Exception, cfg: Config, out: Path) -> str | None:
+def lost_workers_reason(exc: Exception, cfg: Config, out: Path, console: TextIO) -> str | None:
     """One line for a run whose workers were lost (their node or process died) once
-    scale.max_failures restarts were spent: which ranks, on which nodes, and how to resume."""
+    scale.max_failures restarts were spent: which ranks, on which nodes, and how to resume.
+    `console` gets a line while it waits for Ray's verdict on a node."""
     import ray.exceptions
 
     def cause(failure: Exception) -> Exception | None:
@@ -302,7 +313,7 @@ def lost_workers_reason(exc: Exception, cfg: Config, out: Path) -> str | None:
     if lost:
         first = str(cause(failures[lost[0]])).strip().splitlines()[0][:160]
     else:
-        lost = _silent_ranks_on_dead_nodes(failures, cfg.scale.num_workers, out)
+        lost = _silent_ranks_on_dead_nodes(failures, cfg.scale.num_workers, out, console)
         first = "Ray declared its node dead; the other ranks' collectives failed"
     if not lost:
         return None
@@ -347,7 +358,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
             try:
                 make_trainer(cfg, out).fit()
             except Exception as exc:
-                reason = stopped_reason(exc) or lost_workers_reason(exc, cfg, out)
+                reason = stopped_reason(exc) or lost_workers_reason(exc, cfg, out, console)
                 if reason is None:
                     raise
                 raise RunStopped(reason) from None
