@@ -76,8 +76,13 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
     def __init__(self, field_name: str, message: str):
-        self.field = field_name
+        self.field, self.message = field_name, message
         super().__init__(f"{field_name}: {message}")
+
+    def __reduce__(self):
+        # Ray pickles a worker's exception to send it to the driver; the default would rebuild it
+        # with one argument and fail there, hiding the message.
+        return type(self), (self.field, self.message)
 
 
 class RunStopped(RuntimeError):

