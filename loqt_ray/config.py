@@ -464,6 +464,34 @@ def _validate_model(model: ModelConfig) -> None:
         )
     else:
         _require(Path(model.path).is_dir(), "model.path", f"not a directory: {model.path}")
+        _validate_local_model(Path(model.path))
+
+
+def _validate_local_model(path: Path) -> None:
+    """A Hugging Face LLaMA directory the workers can load: checked here, before a cluster starts,
+    since a worker would only fail after Ray and the worker group are up."""
+    from transformers.utils import (
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFE_WEIGHTS_NAME,
+        WEIGHTS_INDEX_NAME,
+        WEIGHTS_NAME,
+    )
+
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError("model.path", f"no readable config.json in {path} ({exc})") from None
+    _require(
+        model_type == "llama",
+        "model.path",
+        f"must hold a LLaMA model (config.json's model_type 'llama', got {model_type!r}): {path}",
+    )
+    weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    _require(
+        any((path / name).is_file() for name in weights),
+        "model.path",
+        f"{path} holds no weights (one of {', '.join(weights)})",
+    )
 
 
 def _validate_data(data: DataConfig, max_positions: int) -> None:

@@ -123,6 +123,8 @@ def test_paths_leave_the_driver_absolute(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
     for folder in ("tok", "user/model"):
         (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "user/model/config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "user/model/model.safetensors").touch()
     (tmp_path / "corpus.txt").write_text("one\n\ntwo\n")
     sets = ["data.source=corpus.txt", "data.tokenizer=tok", "model.path=~/model"]
     cfg = load_config(None, sets)
@@ -143,3 +145,32 @@ def test_a_config_error_survives_pickling_as_ray_sends_it_from_a_worker():
     error = pickle.loads(pickle.dumps(ConfigError("data.source", "no such file: corpus.jsonl")))
     assert isinstance(error, ConfigError) and error.field == "data.source"
     assert str(error) == "data.source: no such file: corpus.jsonl"
+
+
+@pytest.mark.parametrize(
+    "files,message",
+    [
+        ({}, "no readable config.json"),
+        ({"config.json": "[1, 2]"}, "no readable config.json"),
+        ({"config.json": '{"model_type": "gpt2"}', "model.safetensors": ""}, "must hold a LLaMA model"),
+        ({"config.json": '{"model_type": "llama"}'}, "holds no weights (one of model.safetensors"),
+    ],
+)
+def test_a_local_model_the_workers_could_not_load_is_refused_before_any_cluster(
+    tmp_path, capsys, files, message
+):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, text in files.items():
+        (model / name).write_text(text)
+    assert main(["train", "--set", f"model.path={model}", "--set", f"train.output_dir={tmp_path}/runs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.path" in err and message in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_saved_llama_directory_is_accepted_as_the_model(tmp_path):
+    from loqt_ray.models import build_model
+
+    build_model("nano", 512).save_pretrained(tmp_path / "m")
+    assert load_config(None, [f"model.path={tmp_path / 'm'}"]).model.path == str(tmp_path / "m")

@@ -46,3 +46,21 @@ def test_export_hf_loads_in_transformers_with_the_trainers_val_ppl(trained_run, 
     checkpoint = sorted(run.glob("checkpoint_*"))[0]
     assert main(["export-hf", str(checkpoint), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+
+
+def test_continued_training_starts_from_an_exported_model(trained_run, tmp_path):
+    """`model.path` at an export-hf directory: LoQT wraps the loaded weights (W requantized to NF4),
+    so training goes on from the trained model's level, not from a fresh init's."""
+    from loqt_ray.trainer import Trainer
+
+    run, final = trained_run
+    hf = tmp_path / "hf"
+    assert main(["export-hf", str(run), str(hf)]) == 0
+    sets = [f"model.path={hf}", f"train.output_dir={tmp_path}", "train.name=continued", "train.steps=4",
+            "train.eval_every=4"]  # fmt: skip
+    cfg = load_config(run / "config.yaml", sets)
+    fresh = Trainer(load_config(run / "config.yaml", sets[1:])).evaluate()["val_ppl"]
+    trainer = Trainer(cfg)
+    start = trainer.evaluate()["val_ppl"]
+    assert abs(start - final["val_ppl"]) < 0.25 * (fresh - final["val_ppl"])  # the trained model's level
+    assert trainer.train()["val_ppl"] < start  # and it learns on from there
