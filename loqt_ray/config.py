@@ -389,6 +389,12 @@ def anchored(name: str, value: str | None) -> str | None:
     return rooted(value) if name in _ROOTED_FIELDS else str(Path(value).expanduser().absolute())
 
 
+def path_value(data: dict, name: str) -> str | None:
+    """The path field `name` (one of PATH_FIELDS) as the config dict `data` holds it, else its default."""
+    section, key = name.split(".")
+    return (data.get(section) or {}).get(key, getattr(getattr(Config(), section), key))
+
+
 def anchor_paths(cfg: Config) -> Config:
     """Every path field of `cfg` made absolute, in place (see HOME_ENV); returns `cfg`."""
     for name in PATH_FIELDS:

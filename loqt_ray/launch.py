@@ -277,33 +277,37 @@ def worker_config_error(exc: Exception) -> ConfigError | None:
 NODE_VERDICT_WAIT_S = 60.0
 
 
-def _silent_ranks_on_dead_nodes(failures: dict, world_size: int, out: Path, console: TextIO) -> list[int]:
-    """Ranks that reported nothing while the others failed, on nodes Ray declares dead. A node lost
-    mid-step breaks the survivors' next collective at once and they fail first; Ray takes a few
-    health checks to declare the node dead, and until then the lost ranks' polls just hang. So
-    when only some ranks failed, wait (up to NODE_VERDICT_WAIT_S) for the verdict on the others."""
+def _silent_ranks_on_dead_nodes(failures: dict, placed: dict, world_size: int, console: TextIO) -> list[int]:
+    """Ranks that reported nothing while the others failed, on nodes Ray declares dead (`placed`:
+    rank -> its workers.jsonl row). A node lost mid-step breaks the survivors' next collective at
+    once and they fail first; Ray takes a few health checks to declare the node dead, and until
+    then the lost ranks' polls just hang. So when only some ranks failed, wait (up to
+    NODE_VERDICT_WAIT_S) for the verdict on the others."""
     import ray
 
     silent = set(range(world_size)) - set(failures)
     if not failures or not silent:  # all ranks failed alike: an error of the run itself
         return []
-    node_of = {row["rank"]: row["node_id"] for row in results.read_workers(out)}  # the last start's
-    deadline, said = time.monotonic() + NODE_VERDICT_WAIT_S, False
-    while True:
+
+    def on_dead_nodes() -> list[int]:
         dead = {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
-        lost = sorted(rank for rank in silent if node_of.get(rank) in dead)
-        if lost or time.monotonic() > deadline:
-            return lost
-        if not said:
-            print(
-                f"\nrank(s) {', '.join(map(str, sorted(failures)))} failed; waiting up to "
-                f"{NODE_VERDICT_WAIT_S:.0f} s for Ray to say whether the node of rank(s) "
-                f"{', '.join(map(str, sorted(silent)))} is lost",
-                file=console,
-                flush=True,
-            )
-            said = True
+        return sorted(rank for rank in silent if rank in placed and placed[rank]["node_id"] in dead)
+
+    lost = on_dead_nodes()
+    if lost:
+        return lost
+    print(
+        f"\nrank(s) {', '.join(map(str, sorted(failures)))} failed; waiting up to "
+        f"{NODE_VERDICT_WAIT_S:.0f} s for Ray to say whether the node of rank(s) "
+        f"{', '.join(map(str, sorted(silent)))} is lost",
+        file=console,
+        flush=True,
+    )
+    deadline = time.monotonic() + NODE_VERDICT_WAIT_S
+    while not lost and time.monotonic() < deadline:
         time.sleep(1.0)
+        lost = on_dead_nodes()
+    return lost
 
 
 def lost_workers_reason(exc: Exception, cfg: Config, out: Path, console: TextIO) -> str | None:
@@ -321,15 +325,15 @@ def lost_workers_reason(exc: Exception, cfg: Config, out: Path, console: TextIO)
         return None
 
     failures = getattr(exc, "worker_failures", None) or {}
+    placed = {row["rank"]: row for row in results.read_workers(out)}  # the last start's placement
     lost = sorted(rank for rank, f in failures.items() if cause(f) is not None)
     if lost:
         first = str(cause(failures[lost[0]])).strip().splitlines()[0][:160]
     else:
-        lost = _silent_ranks_on_dead_nodes(failures, cfg.scale.num_workers, out, console)
+        lost = _silent_ranks_on_dead_nodes(failures, placed, cfg.scale.num_workers, console)
         first = "Ray declared its node dead; the other ranks' collectives failed"
     if not lost:
         return None
-    placed = {row["rank"]: row for row in results.read_workers(out)}  # the last start's placement
     where = ", ".join(
         f"rank {r} on node {placed[r]['node_id'][:12]} ({placed[r]['host']})" if r in placed else f"rank {r}"
         for r in lost

@@ -25,9 +25,10 @@ from .config import (
     ConfigError,
     RunStopped,
     SweepConfig,
-    anchor_paths,
+    anchored,
     apply_override,
     from_dict,
+    path_value,
     read_yaml,
     rooted,
     validate,
@@ -90,10 +91,9 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
     check_space(params, base, space_path)
     production_config(base, sweep.production)  # the export must be possible before any trial runs
     settings.storage_path = rooted(settings.storage_path)
-    absolute = anchor_paths(from_dict(Config, base))  # trials run elsewhere: see config.HOME_ENV
-    for name in PATH_FIELDS:
+    for name in PATH_FIELDS:  # absolute: the trials run elsewhere (see config.HOME_ENV)
         section, key = name.split(".")
-        base[section] = {**(base.get(section) or {}), key: getattr(getattr(absolute, section), key)}
+        base[section] = {**(base.get(section) or {}), key: anchored(name, path_value(base, name))}
     return sweep, base, params
 
 
@@ -482,10 +482,9 @@ def export(sweep_dir: str | Path, out: str | Path) -> dict:
     sweep = read_yaml(sweep_file)
     trial = copy.deepcopy(best["config"])
     # Paths as the sweep file wrote them, not as the trials ran them (absolute, see config.HOME_ENV).
-    written, defaults = (sweep.get("trial") or {}), Config()
     for name in PATH_FIELDS:
         section, key = name.split(".")
-        trial[section][key] = (written.get(section) or {}).get(key, getattr(getattr(defaults, section), key))
+        trial[section][key] = path_value(sweep.get("trial") or {}, name)
     trial["train"].update(output_dir="runs", name=f"{sweep.get('sweep', {}).get('name', 'sweep')}-best")
     cfg = production_config(trial, sweep.get("production") or {})
     data = cfg.to_dict()
