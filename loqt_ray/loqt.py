@@ -15,6 +15,8 @@ all-reduces the captured gradients before they reach `LoQTLinear.update`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -82,21 +84,48 @@ class _LoQTMatmul(torch.autograd.Function):
         return grad_x, grad_b, None, None
 
 
+def svd_gesvda(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """torch.linalg.svd(g, full_matrices=False) through cuSOLVER's gesvda, or None where it fails
+    (torch raises, or the values are not finite: one host sync); a failure's reason is warned once.
+    On an H200 it took 121 ms for a 7B MLP gradient (11008 x 4096) against the default driver's
+    1102 ms, and 5 ms against 20 ms at 60m, keeping the top-r subspace as exactly
+    (bench/gpu_check.py's svd step); it approximates the smallest singular values."""
+    try:
+        u, s, vh = torch.linalg.svd(g, full_matrices=False, driver="gesvda")
+    except RuntimeError as e:  # a CUDA error that is not cuSOLVER's would resurface at the next call
+        warnings.warn(f"gesvda failed on a {tuple(g.shape)} matrix; another SVD is used: {e}", stacklevel=2)
+        return None
+    if torch.isfinite(s).all():
+        return u, s, vh
+    warnings.warn(
+        f"gesvda gave non-finite values for a {tuple(g.shape)} matrix; another SVD is used", stacklevel=2
+    )
+    return None
+
+
 def reduced_svd(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torch.linalg.svd(g, full_matrices=False). On CUDA through cuSOLVER's gesvda, which on an
-    H200 took 121 ms for a 7B MLP gradient (11008 x 4096) against the default driver's 1102 ms,
-    and 5 ms against 20 ms at 60m, and kept the top-r subspace as exactly (bench/gpu_check.py's
-    svd step); it approximates the smallest singular values, which a refresh discards. The
-    default driver takes over if gesvda fails or returns non-finite values (one host sync per
-    layer and refresh)."""
+    """torch.linalg.svd(g, full_matrices=False); on CUDA gesvda's, the default driver's if it fails."""
+    return (g.is_cuda and svd_gesvda(g)) or torch.linalg.svd(g, full_matrices=False)
+
+
+def top_right_singular_vectors(g: torch.Tensor, k: int, rank_bound: int | None = None) -> torch.Tensor:
+    """The top-k right singular vectors of g (m x n, m >= n) as rows: what a refresh's P is made of.
+    On CUDA gesvda's, unless g is known to be rank-deficient (`rank_bound` < n: a gradient summed
+    over fewer tokens than that) or gesvda fails; then the eigenvectors of gᵀ·g (n x n), never
+    the default driver's SVD. On an H200 the 7B job's first refresh (one step of 2 x 256 tokens, so
+    every gradient has rank <= 512 against rank 1024 asked) was still in the default driver's
+    SVD, reached after gesvda failed (why is not established: gesvda kept the subspace of a
+    synthetic rank-512 gradient), after 209 s; through eigh its whole first step took 35 s.
+    eigh converges on any symmetric matrix (7B: 90 ms); squaring g blurs only directions whose
+    singular values are ~1e-3 of the largest or less, and past its rank a rank-deficient g has no
+    preferred vectors anyway."""
     if g.is_cuda:
-        try:
-            u, s, vh = torch.linalg.svd(g, full_matrices=False, driver="gesvda")
-            if torch.isfinite(s).all():
-                return u, s, vh
-        except RuntimeError:  # torch raises when cuSOLVER reports it did not converge
-            pass
-    return torch.linalg.svd(g, full_matrices=False)
+        deficient = rank_bound is not None and rank_bound < min(g.shape)
+        svd = None if deficient else svd_gesvda(g)
+        if svd is not None:
+            return svd[2][:k]
+        return torch.linalg.eigh(g.T @ g)[1][:, -k:].flip(1).T  # eigh's values ascend
+    return torch.linalg.svd(g, full_matrices=False)[2][:k]
 
 
 def pseudo_inverse(a: torch.Tensor) -> torch.Tensor:
@@ -172,6 +201,7 @@ class LoQTLinear(nn.Module):
         self.capture = False
         self.grad_buffer: torch.Tensor | None = None  # exact capture: the step's dense gradient
         self.reduce = None  # layerwise capture: averages a gradient over ranks, set by start_capture
+        self.capture_tokens: int | None = None  # how many tokens a captured gradient sums over
         self.pending_projection: torch.Tensor | None = None  # layerwise capture: the new P
 
     # -- the matrices
@@ -196,13 +226,14 @@ class LoQTLinear(nn.Module):
         return _LoQTMatmul.apply(x, self.B, self, self.capturing)
 
     # -- refresh and merge
-    def start_capture(self, reduce=None) -> None:
+    def start_capture(self, reduce=None, tokens: int | None = None) -> None:
         """Capture this step's gradient of W for a refresh. Exact (reduce=None): every micro-batch's
         dYᵀ·X is summed into a dense fp32 buffer that lives until the merge takes it. Layerwise
         (`reduce`, a function averaging a tensor over data-parallel ranks): the step has one
         micro-batch, so backward reduces this layer's gradient, keeps only its top-r singular
-        vectors and frees it; one layer's gradient exists at a time."""
-        self.reduce = reduce
+        vectors and frees it; one layer's gradient exists at a time. `tokens`, the step's count over
+        micro-batches and ranks, bounds the gradient's rank (see projection_from)."""
+        self.reduce, self.capture_tokens = reduce, tokens
         if reduce is None:
             self.grad_buffer = torch.zeros(self.out_features, self.in_features, device=self.B.device)
         self.capture = True
@@ -229,9 +260,11 @@ class LoQTLinear(nn.Module):
         return p
 
     def projection_from(self, grad: torch.Tensor) -> torch.Tensor:
-        """P from the SVD of a gradient: its top-r singular vectors on P's side."""
-        u, _, vh = reduced_svd(grad.float())
-        return vh[: self.rank] if self.p_is_a else u[:, : self.rank]
+        """P from the SVD of a gradient: its top-r singular vectors on P's (the smaller) side."""
+        grad = grad.float()
+        if self.p_is_a:
+            return top_right_singular_vectors(grad, self.rank, self.capture_tokens)
+        return top_right_singular_vectors(grad.T, self.rank, self.capture_tokens).T
 
     def update(
         self,

@@ -227,7 +227,7 @@ class Trainer:
         refresh = bool(self.layers) and self.schedule.is_refresh(step)
         if refresh:
             for layer in self.layers:
-                layer.start_capture(self.capture_reduce)
+                layer.start_capture(self.capture_reduce, self.tokens_per_step)
         for _ in range(train.grad_accum):
             ids, labels = self.stream.next_batch()
             with self.autocast:  # only the loss is kept: the logits go before backward

@@ -27,6 +27,27 @@ def test_nf4_quantized_on_cuda_matches_the_cpu_within_quantization_error():
     assert torch.allclose(moved.dequantize().cpu(), on_cpu.dequantize(), atol=1e-6)
 
 
+@pytest.mark.parametrize("tokens, bound", [(16, 16), (16, None), (None, None)])
+def test_a_refresh_takes_the_same_subspace_on_cuda_from_a_rank_deficient_gradient(tokens, bound):
+    """A step that saw fewer tokens than the rank gives a gradient of rank <= tokens (7B's default
+    job: 512 tokens, rank 1024), where gesvda failed on an H200; eigh (taken at once when the
+    tokens are known, else where gesvda fails) must give what the CPU's SVD gives, and an
+    orthonormal P of the full rank."""
+    from loqt_ray.loqt import top_right_singular_vectors
+
+    gen = torch.Generator().manual_seed(0)
+    k = tokens or 128
+    grad = (torch.randn(300, k, generator=gen) / torch.arange(1, k + 1)) @ torch.randn(k, 128, generator=gen)
+    rank = 32
+    on_cpu = top_right_singular_vectors(grad, rank)
+    on_gpu = top_right_singular_vectors(grad.cuda(), rank, bound).cpu()
+    assert on_gpu.shape == (rank, 128)
+    assert torch.allclose(on_gpu @ on_gpu.T, torch.eye(rank), atol=1e-4)
+    compared = min(rank, k)  # past the gradient's rank no vector is preferred
+    kept = (on_gpu[:compared] @ on_cpu[:compared].T).pow(2).sum() / compared
+    assert kept > 0.999, kept
+
+
 def test_loqt_linear_forward_backward_merge_refresh_on_cuda_equals_the_cpu():
     torch.manual_seed(0)
     linear = nn.Linear(256, 192, bias=False)

@@ -106,6 +106,8 @@ def test_layerwise_and_exact_refreshes_train_the_same_model(data_dir):
     exact, exact_losses = run("exact")
     layerwise, layerwise_losses = run("layerwise")
     assert exact.counters["updates"] == layerwise.counters["updates"] == 3  # refreshes at 0, 3, 6
+    # each refresh knows how many tokens its gradient sums, which bounds its rank (on CUDA: eigh)
+    assert {layer.capture_tokens for layer in exact.layers} == {exact.tokens_per_step} == {4 * 64}
     assert layerwise_losses == pytest.approx(exact_losses, rel=1e-5, abs=1e-6)
     for (name, a), b in zip(exact.model.named_buffers(), layerwise.model.buffers(), strict=True):
         if name.endswith("projection"):
