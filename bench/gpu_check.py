@@ -32,9 +32,10 @@ STEPS = {
         60,
         "one full-rank and one LoQT step, timed and under torch.profiler; the LoQT step's host syncs",
     ),
-    "svd": (90, "a refresh's SVD per layer shape: torch.linalg.svd against faster ways to the same P"),
     "train_1b": (150, "1b LoQT at the estimator's largest micro-batch; full-rank and LoQT speed"),
     "train_7b": (240, "jobs/train_7b_24gb.yaml: a few steps, peak memory vs estimate"),
+    "svd": (90, "a refresh's SVD per layer shape: torch.linalg.svd against faster ways to the same P"),
+    "graphs": (60, "60m forward+backward alone, eager and replayed as a CUDA graph, LoQT and full-rank"),
 }
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 # the model sizes each step trains on a GPU, and on the CPU with --cpu
@@ -94,7 +95,10 @@ class Check:
 def measure(cfg, steps: int, keep=lambda partial: None) -> dict:
     """Train `steps` steps in this process on the engine `loqt-ray train` picks; tokens/s after the
     first step, peak memory against the estimator, the merge+refresh share. `keep` is given what
-    is known so far after the build and after the first step (a step that times out keeps it)."""
+    is known so far after the build and after the first step (a step that times out keeps it).
+    The peaks are this run's own: what earlier runs in the process still hold when it starts is
+    taken off (on an H200, 1b LoQT measured after 1b full-rank peaked 21 GiB over its estimate,
+    about full-rank 1b's weights and Adam states; ZeRO's engines are not all freed)."""
     import torch
 
     from loqt_ray.launch import engine_for
@@ -105,6 +109,7 @@ def measure(cfg, steps: int, keep=lambda partial: None) -> dict:
     if torch.cuda.is_available():  # a step may measure two runs: free the first (the Trainer
         gc.collect()  # resets the peak once it is built)
         torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     start = time.perf_counter()
     trainer = Trainer(cfg, make_engine=engine_for(cfg))
     cuda = trainer.device.type == "cuda"
@@ -115,7 +120,7 @@ def measure(cfg, steps: int, keep=lambda partial: None) -> dict:
     if cuda:
         torch.cuda.synchronize()
     known["first_step_s"] = time.perf_counter() - start
-    known["peak_gib_after_first_step"] = torch.cuda.max_memory_allocated() / GIB if cuda else None
+    known["peak_gib_after_first_step"] = (torch.cuda.max_memory_allocated() - held) / GIB if cuda else None
     keep(known)
     first_update = trainer.counters["update_time"]
     start = time.perf_counter()
@@ -127,7 +132,7 @@ def measure(cfg, steps: int, keep=lambda partial: None) -> dict:
     tokens = (steps - 1) * trainer.tokens_per_step
     cfg.data.vocab_size = len(trainer.data.tokenizer)  # the estimate of the model that was built
     estimate = trainer_estimate(cfg)
-    peak = torch.cuda.max_memory_allocated() if cuda else None
+    peak = torch.cuda.max_memory_allocated() - held if cuda else None
     updates = trainer.counters["updates"]
     return {
         **known,
@@ -136,6 +141,7 @@ def measure(cfg, steps: int, keep=lambda partial: None) -> dict:
         "tokens_per_s": tokens / wall,
         "update_share": (trainer.counters["update_time"] - first_update) / wall,
         "updates_after_step_0": updates - 1 if trainer.layers else 0,
+        "held_before_gib": held / GIB,
         "peak_gib": peak / GIB if peak else None,
         "estimate_peak_gib": estimate.peak / GIB,
         "peak_over_estimate": peak / estimate.peak if peak else None,
@@ -262,31 +268,40 @@ def _host_syncs(trainer) -> dict:
 def step_svd(check: Check) -> dict:
     """Seconds to take P (the top-r right singular vectors) from one layer's gradient, for each
     model's largest linear (out x in, the LLaMA MLP's): torch.linalg.svd's default driver (the
-    reference), the trainer's own (loqt.reduced_svd: gesvda on CUDA) and two cheaper
-    approximations, with how much of the reference P's subspace each keeps (1 = all of it). The
-    gradient is synthetic with a decaying spectrum, as real ones have; a refresh does this for
-    every wrapped layer (7 per block)."""
+    reference), the trainer's own (loqt.top_right_singular_vectors: gesvda on CUDA, eigh of gᵀg
+    where that fails), gesvda alone, and two cheaper approximations, with how much of the
+    reference P's subspace each keeps (1 = all of it). The gradient is synthetic with a decaying
+    spectrum, as real ones have; a refresh does this for every wrapped layer (7 per block). The
+    `_tokens` rows are the gradients of a step that saw fewer tokens than the rank (jobs/
+    train_7b_24gb.yaml's: 2 x 256 tokens, rank 1024): rank-deficient, so only the top `tokens`
+    vectors are compared."""
     import torch
 
-    from loqt_ray.loqt import reduced_svd
+    from loqt_ray.loqt import svd_gesvda, top_right_singular_vectors
 
     device = "cpu" if check.cpu else "cuda"
-    shapes = {"nano": (172, 64, 8), "tiny": (688, 256, 32)} if check.cpu else {
-        "60m": (1376, 512, 128), "1b": (5461, 2048, 512), "7b": (11008, 4096, 1024)}  # fmt: skip
+    # model -> (out, in, rank, tokens the gradient is made of: None for a full-rank gradient)
+    shapes = {"nano": (172, 64, 8, None), "tiny": (688, 256, 32, None), "tiny_16_tokens": (688, 256, 32, 16)}
+    if not check.cpu:
+        shapes = {"60m": (1376, 512, 128, None), "1b": (5461, 2048, 512, None),
+                  "7b": (11008, 4096, 1024, None), "7b_512_tokens": (11008, 4096, 1024, 512)}  # fmt: skip
     methods = {
         "svd": lambda g, r: torch.linalg.svd(g, full_matrices=False)[2][:r],
-        "trainer": lambda g, r: reduced_svd(g)[2][:r],
+        "trainer": top_right_singular_vectors,
         "svd_lowrank": lambda g, r: torch.svd_lowrank(g, q=min(r + 16, min(g.shape)), niter=2)[2][:, :r].T,
         "gram_eigh": lambda g, r: torch.linalg.eigh(g.T @ g)[1][:, -r:].flip(1).T,
     }
+    if device == "cuda":
+        methods["gesvda"] = lambda g, r: None if (svd := svd_gesvda(g)) is None else svd[2][:r]
     results = {}
     gen = torch.Generator(device).manual_seed(0)
-    for model, (out, inp, rank) in shapes.items():
-        k = min(out, inp)
+    for model, (out, inp, rank, tokens) in shapes.items():
+        k = tokens or min(out, inp)
         decay = 1.0 / torch.arange(1, k + 1, device=device)
         left = torch.randn(out, k, device=device, generator=gen) * decay
         grad = left @ torch.randn(k, inp, device=device, generator=gen) / k**0.5
-        exact = methods["svd"](grad, rank)
+        compared = min(rank, k)
+        exact = methods["svd"](grad, rank)[:compared]
         row = {}
         for name, method in methods.items():
             if not results:
@@ -300,9 +315,11 @@ def step_svd(check: Check) -> dict:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
-            overlap = (p @ exact.T).pow(2).sum().item() / rank
-            row[name] = {"seconds": min(times), "subspace_kept": overlap}
-        results[model] = {"shape": [out, inp], "rank": rank, **row}
+            row[name] = {"seconds": min(times), "subspace_kept": None, "failed": True}
+            if p is not None:
+                kept = (p[:compared] @ exact.T).pow(2).sum().item() / compared
+                row[name] = {"seconds": min(times), "subspace_kept": kept}
+        results[model] = {"shape": [out, inp], "rank": rank, "tokens": tokens, **row}
         print(model, row, flush=True)
         check.keep(results)
     return results
@@ -351,7 +368,115 @@ def step_train_7b(check: Check) -> dict:
     return measure(check.config("7b", *settings), 3, check.keep)
 
 
-def run_step(check: Check) -> None:
+def step_graphs(check: Check) -> dict:
+    """train_60m's model and batch, forward+backward only (no DeepSpeed, no optimizer step), run
+    eagerly and replayed from CUDA graphs (torch.cuda.make_graphed_callables), LoQT and full-rank.
+    A replay launches the recorded kernels without Python or per-kernel launch cost, so graphed
+    LoQT/full is what LoQT's step could reach once its launches stop setting the pace (train_60m's
+    step is host-bound: README). The CPU has no graphs: eager only."""
+    import torch
+
+    from loqt_ray.trainer import Trainer
+
+    results = {}
+    for method in ("full", "loqt"):
+        trainer = Trainer(check.config_60m(method, "train.steps=100"))
+        ids, labels = (t.to(trainer.device) for t in trainer.stream.next_batch())
+        loss = _loss_module(trainer.model, trainer.device.type)
+        row = {"eager_tokens_per_s": ids.numel() / _seconds_per_pass(loss, ids, labels)}
+        if trainer.device.type == "cuda":
+            try:  # a host sync or a CPU tensor inside the pass makes capture fail: that is the finding
+                graphed = torch.cuda.make_graphed_callables(loss, (ids, labels), allow_unused_input=True)
+                row["graphed_tokens_per_s"] = ids.numel() / _seconds_per_pass(graphed, ids, labels)
+            except Exception as e:  # noqa: BLE001
+                row["graphed_error"] = f"{type(e).__name__}: {e}"[:400]
+        results[method] = row
+        print(method, row, flush=True)
+        del trainer, loss
+        gc.collect()
+    for mode in ("eager", "graphed"):
+        if all(f"{mode}_tokens_per_s" in results[m] for m in ("full", "loqt")):
+            ratio = results["loqt"][f"{mode}_tokens_per_s"] / results["full"][f"{mode}_tokens_per_s"]
+            results[f"{mode}_loqt_over_full"] = ratio
+    if not check.cpu:
+        check.keep(results)
+        results["deepspeed_capture"] = _deepspeed_capture(check)
+    return results
+
+
+def _deepspeed_capture(check: Check) -> dict:
+    """Whether the loss can be recorded as CUDA graphs once `loqt-ray train`'s DeepSpeed engine
+    holds the model. On an H200 the recording failed for full-rank 60m when it came first, before
+    any step ("operation would make the legacy stream depend on a capturing blocking stream", in
+    the backward's recording), while without DeepSpeed, after eager passes, it worked (above).
+    Tried here after two eager DeepSpeed steps (full-rank and LoQT), then before any (full-rank)."""
+    import torch
+
+    from loqt_ray.distributed import DeepSpeedEngine
+    from loqt_ray.trainer import Trainer
+
+    results = {}
+    for name, method, warm_steps in (("full_after_2_steps", "full", 2), ("loqt_after_2_steps", "loqt", 2),
+                                     ("full_before_any_step", "full", 0)):  # fmt: skip
+        trainer = Trainer(check.config_60m(method, "train.steps=100"), make_engine=DeepSpeedEngine)
+        for _ in range(warm_steps):
+            trainer.train_step()
+        ids, labels = (t.to(trainer.device) for t in trainer.stream.next_batch())
+        try:
+            torch.cuda.make_graphed_callables(
+                _loss_module(trainer.model, "cuda"), (ids, labels), allow_unused_input=True
+            )
+            results[name] = "recorded"
+        except Exception as e:  # noqa: BLE001 - the error is the finding
+            results[name] = f"{type(e).__name__}: {e}"[:300]
+        print(name, results[name], flush=True)
+        check.keep(results)
+        del trainer
+        gc.collect()
+    return results
+
+
+def _loss_module(model, device_type: str):
+    """model(ids, labels).loss under bf16 autocast as a module of tensors to a tensor, which is what
+    make_graphed_callables takes. Autocast's cast cache must be off inside a capture."""
+    import torch
+
+    class LossOf(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, labels):
+            with torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False):
+                return self.model(input_ids=ids, labels=labels).loss
+
+    return LossOf()
+
+
+def _seconds_per_pass(loss_fn, ids, labels, passes: int = 10) -> float:
+    """Seconds per forward+backward after three warm-up passes, the best of three rounds."""
+    import torch
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            loss_fn(ids, labels).backward()
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+
+    run(3)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        run(passes)
+        best = min(best, (time.perf_counter() - start) / passes)
+    return best
+
+
+def run_step(check: Check, limit: float) -> None:
+    import faulthandler
+
+    # a step that runs out of time leaves where it was in the log: every thread's stack, 5 s before
+    faulthandler.dump_traceback_later(max(1.0, limit - 5))
     check.keep(globals()[f"step_{check.step}"](check))
 
 
@@ -363,6 +488,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=450, help="seconds for all steps (GPU; doubled on CPU)")
     ap.add_argument("--work", help="corpus, data cache and step results (default: a temporary folder)")
     ap.add_argument("--run-step", choices=list(STEPS), help=argparse.SUPPRESS)  # one step, in a child
+    ap.add_argument("--limit", type=float, default=600, help=argparse.SUPPRESS)  # the child's seconds
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -371,7 +497,7 @@ def main() -> int:
     check = Check(args.cpu, out, work, args.run_step)
     check.work.mkdir(parents=True, exist_ok=True)
     if args.run_step:
-        run_step(check)
+        run_step(check, args.limit)
         return 0
     results = {"mode": "cpu" if args.cpu else "gpu", "started": time.strftime("%F %T"), "steps": {}}
     scale = 2 if args.cpu else 1  # 2 slow cores instead of an H200
@@ -398,7 +524,8 @@ def run_child(name: str, check: Check, limit: int, log) -> dict:
     """One step in its own process, its output in the log; its status, seconds and result."""
     log.write(f"\n===== {name}\n")
     log.flush()
-    cmd = [sys.executable, __file__, "--run-step", name, "--out", str(check.out), "--work", str(check.work)]
+    cmd = [sys.executable, __file__, "--run-step", name, "--limit", str(limit), "--out", str(check.out),
+           "--work", str(check.work)]  # fmt: skip
     cmd += ["--cpu"] if check.cpu else []
     # each step is its own one-process group: a parent's torch.distributed settings must not leak in
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
@@ -426,10 +553,22 @@ def _profile_text(r: dict) -> str:
     return f"{steps}; LoQT host syncs {sum(r['loqt']['host_syncs'].values())}"
 
 
+def _60m_text(r: dict) -> str:
+    return (
+        f"LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f} ({r['loqt']['tokens_per_s']:.0f} / "
+        f"{r['full']['tokens_per_s']:.0f}); merge share {100 * r['loqt']['update_share']:.1f} %; "
+        f"peak/estimate full {_ratio(r['full'])}, loqt {_ratio(r['loqt'])}"
+    )
+
+
 def _svd_text(r: dict) -> str:
     return "; ".join(
         f"{model} r{row['rank']}: "
-        + ", ".join(f"{m} {1000 * v['seconds']:.0f} ms" for m, v in row.items() if isinstance(v, dict))
+        + ", ".join(
+            f"{m} {1000 * v['seconds']:.0f} ms{' (failed)' if v.get('failed') else ''}"
+            for m, v in row.items()
+            if isinstance(v, dict)
+        )
         for model, row in r.items()
     )
 
@@ -438,10 +577,15 @@ def _svd_text(r: dict) -> str:
 STEP_TEXT = {
     "env": lambda r: f"{r['device']}, torch {r['versions']['torch']}",
     "cuda_tests": lambda r: r["summary"],
-    "train_60m": lambda r: (
-        f"LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f}; merge share "
-        f"{100 * r['loqt']['update_share']:.1f} %; peak/estimate full {_ratio(r['full'])}, "
-        f"loqt {_ratio(r['loqt'])}"
+    "train_60m": _60m_text,
+    "graphs": lambda r: "; ".join(
+        [
+            f"{mode} LoQT/full {r[f'{mode}_loqt_over_full']:.2f}"
+            if f"{mode}_loqt_over_full" in r
+            else f"{mode}: {r['loqt'].get('graphed_error') or r['full'].get('graphed_error') or 'n/a (CPU)'}"
+            for mode in ("eager", "graphed")
+        ]
+        + [f"DeepSpeed {name}: {outcome}" for name, outcome in r.get("deepspeed_capture", {}).items()]
     ),
     "profile": _profile_text,
     "svd": _svd_text,

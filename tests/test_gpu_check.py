@@ -23,7 +23,16 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     results = json.loads((out / "gpu_check.json").read_text())
     assert results["mode"] == "cpu"
     steps = results["steps"]
-    assert list(steps) == ["env", "cuda_tests", "train_60m", "profile", "svd", "train_1b", "train_7b"]
+    assert list(steps) == [
+        "env",
+        "cuda_tests",
+        "train_60m",
+        "profile",
+        "train_1b",
+        "train_7b",
+        "svd",
+        "graphs",
+    ]
     assert all(step["status"] == "ok" for step in steps.values()), steps
     assert "skipped" in steps["cuda_tests"]["result"]["summary"]  # no CUDA here: they skip, not fail
     speed = steps["train_60m"]["result"]
@@ -32,6 +41,8 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     big = steps["train_1b"]["result"]
     assert big["loqt_largest"]["recommended_micro_batch"] >= 1 and big["loqt_over_full_tokens_per_s"] > 0
     assert big["full"]["micro_batch"] == big["loqt"]["micro_batch"]  # speed compared at one micro-batch
+    deficient = steps["svd"]["result"]["tiny_16_tokens"]  # a gradient of rank 16, rank 32 asked
+    assert deficient["tokens"] == 16 and deficient["trainer"]["subspace_kept"] == pytest.approx(1, abs=1e-4)
     svd = steps["svd"]["result"]["tiny"]
     assert svd["svd"]["subspace_kept"] == pytest.approx(1, abs=1e-4)  # against itself
     assert svd["trainer"]["subspace_kept"] == pytest.approx(1, abs=1e-4)  # the CPU's is the default driver
@@ -39,5 +50,7 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert "aten::mm" in (out / "profile.txt").read_text()
     profile = steps["profile"]["result"]
     assert profile["loqt"]["step_ms"] > 0 and profile["full"]["profiled_host_ms"] > 0
+    graphs = steps["graphs"]["result"]
+    assert graphs["eager_loqt_over_full"] > 0 and "graphed_loqt_over_full" not in graphs  # no graphs on a CPU
     assert "| train_60m | ok |" in proc.stdout  # the summary table
     assert len(list(out.iterdir())) <= 8  # what comes back from the GPU machine
