@@ -406,29 +406,52 @@ def step_graphs(check: Check) -> dict:
 
 def _deepspeed_capture(check: Check) -> dict:
     """Whether the loss can be recorded as CUDA graphs once `loqt-ray train`'s DeepSpeed engine
-    holds the model. On an H200 the recording failed for full-rank 60m when it came first, before
-    any step ("operation would make the legacy stream depend on a capturing blocking stream", in
-    the backward's recording), while without DeepSpeed, after eager passes, it worked (above).
-    Tried here after two eager DeepSpeed steps (full-rank and LoQT), then before any (full-rank)."""
+    holds the model, and how. On an H200 (torch 2.11) recording full-rank 60m's backward before any
+    step failed: "operation would make the legacy stream depend on a capturing blocking stream".
+    The likely cause: an AccumulateGrad node made on the default stream and kept alive keeps that
+    stream (pytorch/pytorch#137483); newer torch can redirect such stale streams during a capture
+    (torch.autograd.graph.set_override_stale_capture_stream, pytorch/pytorch#180090) and
+    otherwise refuses a stale default stream. Tried, each after two eager steps: the trainer built
+    and stepped on a side stream (the stale stream is then not the default one, and the recording
+    is made from that stream), LoQT and full-rank; with the override, where torch has it; and on
+    the default stream (the failing case) last."""
     import torch
 
     from loqt_ray.distributed import DeepSpeedEngine
     from loqt_ray.trainer import Trainer
 
-    results = {}
-    for name, method, warm_steps in (("full_after_2_steps", "full", 2), ("loqt_after_2_steps", "loqt", 2),
-                                     ("full_before_any_step", "full", 0)):  # fmt: skip
-        trainer = Trainer(check.config_60m(method, "train.steps=100"), make_engine=DeepSpeedEngine)
-        for _ in range(warm_steps):
-            trainer.train_step()
-        ids, labels = (t.to(trainer.device) for t in trainer.stream.next_batch())
-        try:
-            torch.cuda.make_graphed_callables(
-                _loss_module(trainer.model, "cuda"), (ids, labels), allow_unused_input=True
-            )
-            results[name] = "recorded"
-        except Exception as e:  # noqa: BLE001 - the error is the finding
-            results[name] = f"{type(e).__name__}: {e}"[:300]
+    override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    variants = {  # name -> (method, run on a side stream, with the override)
+        "loqt_side_stream": ("loqt", True, False),
+        "full_side_stream": ("full", True, False),
+        "full_override": ("full", False, True),
+        "full_default_stream": ("full", False, False),
+    }
+    results = {"torch": torch.__version__}
+    for name, (method, side, use_override) in variants.items():
+        if use_override and override is None:
+            results[name] = f"n/a: torch {torch.__version__} has no set_override_stale_capture_stream"
+            continue
+        stream = torch.cuda.Stream() if side else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            trainer = Trainer(check.config_60m(method, "train.steps=100"), make_engine=DeepSpeedEngine)
+            for _ in range(2):
+                trainer.train_step()
+            ids, labels = (t.to(trainer.device) for t in trainer.stream.next_batch())
+            try:
+                if use_override:
+                    override(True)
+                torch.cuda.make_graphed_callables(
+                    _loss_module(trainer.model, "cuda"), (ids, labels), allow_unused_input=True
+                )
+                results[name] = "recorded"
+            except Exception as e:  # noqa: BLE001 - the error is the finding
+                results[name] = f"{type(e).__name__}: {e}"[:300]
+            finally:
+                if use_override:
+                    override(False)
+        torch.cuda.current_stream().wait_stream(stream)
         print(name, results[name], flush=True)
         check.keep(results)
         del trainer
@@ -585,7 +608,11 @@ STEP_TEXT = {
             else f"{mode}: {r['loqt'].get('graphed_error') or r['full'].get('graphed_error') or 'n/a (CPU)'}"
             for mode in ("eager", "graphed")
         ]
-        + [f"DeepSpeed {name}: {outcome}" for name, outcome in r.get("deepspeed_capture", {}).items()]
+        + [
+            f"DeepSpeed {name}: {outcome}"
+            for name, outcome in r.get("deepspeed_capture", {}).items()
+            if name != "torch"
+        ]
     ),
     "profile": _profile_text,
     "svd": _svd_text,
