@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ STEPS = {
     "train_1b": (150, "1b LoQT at the estimator's largest micro-batch; full-rank and LoQT speed"),
     "train_7b": (240, "jobs/train_7b_24gb.yaml: a few steps, peak memory vs estimate"),
     "svd": (90, "a refresh's SVD per layer shape: torch.linalg.svd against faster ways to the same P"),
-    "graphs": (60, "60m forward+backward alone, eager and replayed as a CUDA graph, LoQT and full-rank"),
+    "graphs": (120, "60m forward+backward alone, eager and replayed as a CUDA graph; then under DeepSpeed"),
 }
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 # the model sizes each step trains on a GPU, and on the CPU with --cpu
@@ -398,65 +399,131 @@ def step_graphs(check: Check) -> dict:
         if all(f"{mode}_tokens_per_s" in results[m] for m in ("full", "loqt")):
             ratio = results["loqt"][f"{mode}_tokens_per_s"] / results["full"][f"{mode}_tokens_per_s"]
             results[f"{mode}_loqt_over_full"] = ratio
-    if not check.cpu:
-        check.keep(results)
+    check.keep(results)
+    if check.cpu:
+        results["deepspeed_replay"] = _replay_on_cpu(check)
+    else:
         results["deepspeed_capture"] = _deepspeed_capture(check)
     return results
 
 
+def _replay_on_cpu(check: Check) -> dict:
+    """The CPU has no graphs: the eager loss stands in for the recorded one, so that replaying
+    through DeepSpeed (refresh steps eager, merges in place) runs in the suite and cannot rot."""
+    from loqt_ray.distributed import DeepSpeedEngine
+    from loqt_ray.trainer import Trainer
+
+    cfg = check.config_60m("loqt", "train.steps=20", "loqt.schedule=static", "loqt.update_interval=2")
+    trainer = Trainer(cfg, make_engine=DeepSpeedEngine)
+    ids, labels = trainer.stream.next_batch()
+    return _replayed_training(trainer, _loss_module(trainer.model, "cpu"), ids, labels, steps=4)
+
+
 def _deepspeed_capture(check: Check) -> dict:
     """Whether the loss can be recorded as CUDA graphs once `loqt-ray train`'s DeepSpeed engine
-    holds the model, and how. On an H200 (torch 2.11) recording full-rank 60m's backward before any
-    step failed: "operation would make the legacy stream depend on a capturing blocking stream".
-    The likely cause: an AccumulateGrad node made on the default stream and kept alive keeps that
-    stream (pytorch/pytorch#137483); newer torch can redirect such stale streams during a capture
-    (torch.autograd.graph.set_override_stale_capture_stream, pytorch/pytorch#180090) and
-    otherwise refuses a stale default stream. Tried, each after two eager steps: the trainer built
-    and stepped on a side stream (the stale stream is then not the default one, and the recording
-    is made from that stream), LoQT and full-rank; with the override, where torch has it; and on
-    the default stream (the failing case) last."""
+    holds the model, how, and what replaying it gains in whole training steps. On an H200 (torch
+    2.11) recording full-rank 60m's backward before any step failed: "operation would make the
+    legacy stream depend on a capturing blocking stream". The likely cause: an AccumulateGrad node
+    made on the default stream and kept alive keeps that stream (pytorch/pytorch#137483); newer
+    torch can redirect such stale streams during a recording
+    (torch.autograd.graph.set_override_stale_capture_stream, pytorch/pytorch#180090) and otherwise
+    refuses a stale default stream. Each variant records after two eager steps: the trainer built
+    and stepped on a side stream (LoQT, full-rank), with the override where torch has it, and on the
+    default stream (the failing case) last. Where a side-stream recording works, the same trainer
+    then trains 40 steps eagerly and 40 replaying (merges every 20 steps: refresh steps stay eager),
+    and a replayed loss is checked against the eager one on one batch after the merges."""
     import torch
 
     from loqt_ray.distributed import DeepSpeedEngine
     from loqt_ray.trainer import Trainer
 
     override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
-    variants = {  # name -> (method, run on a side stream, with the override)
-        "loqt_side_stream": ("loqt", True, False),
-        "full_side_stream": ("full", True, False),
-        "full_override": ("full", False, True),
-        "full_default_stream": ("full", False, False),
+    variants = {  # name -> (method, on a side stream, with the override, then train with it)
+        "loqt_side_stream": ("loqt", True, False, True),
+        "full_side_stream": ("full", True, False, True),
+        "full_override": ("full", False, True, False),
+        "full_default_stream": ("full", False, False, False),
     }
     results = {"torch": torch.__version__}
-    for name, (method, side, use_override) in variants.items():
+    for name, (method, side, use_override, train) in variants.items():
         if use_override and override is None:
             results[name] = f"n/a: torch {torch.__version__} has no set_override_stale_capture_stream"
             continue
         stream = torch.cuda.Stream() if side else torch.cuda.current_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            trainer = Trainer(check.config_60m(method, "train.steps=100"), make_engine=DeepSpeedEngine)
+            cfg = check.config_60m(
+                method, "train.steps=200", "loqt.schedule=static", "loqt.update_interval=20"
+            )
+            trainer = Trainer(cfg, make_engine=DeepSpeedEngine)
             for _ in range(2):
                 trainer.train_step()
             ids, labels = (t.to(trainer.device) for t in trainer.stream.next_batch())
             try:
                 if use_override:
                     override(True)
-                torch.cuda.make_graphed_callables(
+                graphed = torch.cuda.make_graphed_callables(
                     _loss_module(trainer.model, "cuda"), (ids, labels), allow_unused_input=True
                 )
-                results[name] = "recorded"
+                results[name] = {"recorded": True}
             except Exception as e:  # noqa: BLE001 - the error is the finding
-                results[name] = f"{type(e).__name__}: {e}"[:300]
+                results[name] = {"recorded": False, "error": f"{type(e).__name__}: {e}"[:300]}
             finally:
                 if use_override:
                     override(False)
+            check.keep(results)
+            if train and results[name]["recorded"]:
+                try:
+                    results[name].update(_replayed_training(trainer, graphed, ids, labels))
+                except Exception as e:  # noqa: BLE001 - so is this one
+                    results[name]["replay_error"] = f"{type(e).__name__}: {e}"[:300]
         torch.cuda.current_stream().wait_stream(stream)
         print(name, results[name], flush=True)
         check.keep(results)
         del trainer
         gc.collect()
+    rows = [results.get(f"{method}_side_stream") for method in ("loqt", "full")]
+    if all(isinstance(row, dict) and "replayed_tokens_per_s" in row for row in rows):
+        loqt, full = rows  # whole DeepSpeed training steps, the target's measure
+        for mode in ("eager", "replayed"):
+            results[f"{mode}_loqt_over_full"] = loqt[f"{mode}_tokens_per_s"] / full[f"{mode}_tokens_per_s"]
     return results
+
+
+def _replayed_training(trainer, graphed, ids, labels, steps: int = 40) -> dict:
+    """Tokens/s over `steps` eager training steps, then over as many with the engine's forward
+    replaced by the recorded loss (the eager forward where a refresh captures gradients); then the
+    recorded loss on one batch against the eager one, after merges changed W, P and B in place."""
+    import torch
+
+    def tokens_per_s() -> float:
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        return steps * trainer.tokens_per_step / (time.perf_counter() - start)
+
+    eager_forward = trainer.engine.model
+    row = {"eager_tokens_per_s": tokens_per_s()}
+
+    def forward(input_ids, labels):
+        if any(layer.capture for layer in trainer.layers):  # a refresh step: gradients go to Python
+            return eager_forward(input_ids=input_ids, labels=labels)
+        return types.SimpleNamespace(loss=graphed(input_ids, labels))
+
+    trainer.engine.model = forward
+    try:
+        row["replayed_tokens_per_s"] = tokens_per_s()
+    finally:
+        trainer.engine.model = eager_forward
+    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):
+        row["loss_replayed"] = graphed(ids, labels).item()
+        row["loss_eager"] = eager_forward(input_ids=ids, labels=labels).loss.item()
+    row["updates"] = trainer.counters["updates"]
+    return row
 
 
 def _loss_module(model, device_type: str):
@@ -584,6 +651,37 @@ def _60m_text(r: dict) -> str:
     )
 
 
+def _graphs_text(r: dict) -> str:
+    parts = []
+    for mode in ("eager", "graphed"):
+        if f"{mode}_loqt_over_full" in r:
+            parts.append(f"{mode} LoQT/full {r[f'{mode}_loqt_over_full']:.2f}")
+        else:
+            error = r["loqt"].get("graphed_error") or r["full"].get("graphed_error")
+            parts.append(f"{mode}: {error or 'n/a (CPU)'}")
+    for name, v in r.get("deepspeed_capture", {}).items():
+        if name == "torch" or name.endswith("_loqt_over_full"):
+            continue
+        if not isinstance(v, dict):
+            parts.append(f"DeepSpeed {name}: {v}")
+        elif not v["recorded"]:
+            parts.append(f"DeepSpeed {name}: {v['error']}")
+        elif "replayed_tokens_per_s" in v:
+            parts.append(
+                f"DeepSpeed {name}: steps {v['eager_tokens_per_s']:.0f} -> {v['replayed_tokens_per_s']:.0f} "
+                f"tokens/s replayed, loss {v['loss_replayed']:.4f} vs eager {v['loss_eager']:.4f}"
+            )
+        else:
+            parts.append(f"DeepSpeed {name}: recorded")
+    steps = r.get("deepspeed_capture", {})
+    if "replayed_loqt_over_full" in steps:
+        parts.append(
+            f"training steps LoQT/full: eager {steps['eager_loqt_over_full']:.2f}, "
+            f"replayed {steps['replayed_loqt_over_full']:.2f}"
+        )
+    return "; ".join(parts)
+
+
 def _svd_text(r: dict) -> str:
     return "; ".join(
         f"{model} r{row['rank']}: "
@@ -601,19 +699,7 @@ STEP_TEXT = {
     "env": lambda r: f"{r['device']}, torch {r['versions']['torch']}",
     "cuda_tests": lambda r: r["summary"],
     "train_60m": _60m_text,
-    "graphs": lambda r: "; ".join(
-        [
-            f"{mode} LoQT/full {r[f'{mode}_loqt_over_full']:.2f}"
-            if f"{mode}_loqt_over_full" in r
-            else f"{mode}: {r['loqt'].get('graphed_error') or r['full'].get('graphed_error') or 'n/a (CPU)'}"
-            for mode in ("eager", "graphed")
-        ]
-        + [
-            f"DeepSpeed {name}: {outcome}"
-            for name, outcome in r.get("deepspeed_capture", {}).items()
-            if name != "torch"
-        ]
-    ),
+    "graphs": lambda r: _graphs_text(r),
     "profile": _profile_text,
     "svd": _svd_text,
     "train_1b": lambda r: (

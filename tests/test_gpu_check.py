@@ -52,5 +52,8 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert profile["loqt"]["step_ms"] > 0 and profile["full"]["profiled_host_ms"] > 0
     graphs = steps["graphs"]["result"]
     assert graphs["eager_loqt_over_full"] > 0 and "graphed_loqt_over_full" not in graphs  # no graphs on a CPU
+    replay = graphs["deepspeed_replay"]  # the replaying forward's plumbing, the eager loss standing in
+    assert replay["replayed_tokens_per_s"] > 0 and replay["updates"] == 4  # merges at 0, 2; 4, 6 replaying
+    assert replay["loss_replayed"] == pytest.approx(replay["loss_eager"], rel=1e-3)
     assert "| train_60m | ok |" in proc.stdout  # the summary table
     assert len(list(out.iterdir())) <= 8  # what comes back from the GPU machine
