@@ -102,13 +102,17 @@ class RunProgress(Periodic):
         self.out = out
         self.starts = self._group_starts()  # worker groups started before this command
         self.offset = self.path.stat().st_size if self.path.exists() else 0
+        self.reread = False  # rank 0 rewrote the log (cut at a resume or restart): read it anew
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
         self.bar.close()
 
-    def _show(self, metrics: dict) -> None:
-        self.bar.update(metrics["step"] - self.bar.n)
+    def _show(self, metrics: dict, jump: bool = False) -> None:
+        if jump:  # the log was cut back to a checkpoint's step: the bar goes there, not through 1, 2, ...
+            self.bar.n = self.bar.last_print_n = metrics["step"]
+        else:
+            self.bar.update(metrics["step"] - self.bar.n)
         repairs = metrics.get("rank_repairs", 0)
         if repairs > self.repairs:  # rare, and worth a line: the ranks' merged layers had drifted
             self.bar.write(
@@ -140,18 +144,21 @@ class RunProgress(Periodic):
         self._say_restarts()
         if not self.path.exists():
             return
-        if self.path.stat().st_size < self.offset:  # rank 0 cut the steps it will redo: read it anew
-            self.offset = 0
+        if self.path.stat().st_size < self.offset:  # rank 0 cut the steps it will redo
+            self.offset, self.reread = 0, True
         with open(self.path) as f:
             f.seek(self.offset)
             lines = f.readlines()
         complete = [line for line in lines if line.endswith("\n")]  # a half-written line waits
         try:
             rows = [json.loads(line) for line in complete]
-        except json.JSONDecodeError:  # rewritten under us (a restart cut it): read it anew
-            rows, self.offset = [], 0
-        else:
-            self.offset += sum(len(line.encode()) for line in complete)
+        except json.JSONDecodeError:  # rewritten under us (a restart cut it): read it anew next time
+            self.offset, self.reread = 0, True
+            return
+        self.offset += sum(len(line.encode()) for line in complete)
+        if self.reread and rows:  # the kept steps were shown before: only where the log now ends
+            self._show(rows[-1], jump=True)
+            rows, self.reread = [], False
         for metrics in rows:
             self._show(metrics)
 

@@ -30,6 +30,29 @@ def test_run_bar_follows_metrics_through_a_restart_and_shows_the_last_step(tmp_p
     assert bar.bar.n == 5  # the tick at exit read what was written last
 
 
+def test_a_resume_that_cuts_the_log_moves_the_bar_back_to_the_checkpoint_not_through_step_1(tmp_path):
+    """A run stopped at step 9 with its checkpoint at 8: the rerun's rank 0 cuts the log to step 8.
+    The bar went from 9 back to 1 and counted up through every kept step (seen in a cluster test's
+    log, with negative rates); it now moves to 8 and goes on from there."""
+    metrics = tmp_path / "metrics.jsonl"
+    _append(metrics, *range(1, 10))
+    shown = io.StringIO()
+    bar = progress.RunProgress(tmp_path, 40, "run", True, shown)
+    bar.every_s = 3600
+    with bar:
+        assert bar.bar.n == 9
+        metrics.write_text("")
+        _append(metrics, *range(1, 9))  # what the resumed run's rank 0 kept
+        before = len(shown.getvalue())
+        bar.tick()
+        assert bar.bar.n == 8
+        _append(metrics, 9, 10)
+        bar.tick()
+        assert bar.bar.n == 10
+        after_cut = shown.getvalue()[before:]
+    assert " 8/40" in after_cut and " 1/40" not in after_cut and "-0." not in after_cut
+
+
 def test_sweep_display_counts_trials_tokens_and_the_best():
     stream = io.StringIO()
     display = progress.SweepProgress("demo", 6, 100_000, stream)
