@@ -278,7 +278,7 @@ def step_svd(check: Check) -> dict:
     vectors are compared."""
     import torch
 
-    from loqt_ray.loqt import svd_gesvda, top_right_singular_vectors
+    from loqt_ray.loqt import gram_top_vectors, svd_gesvda, top_right_singular_vectors
 
     device = "cpu" if check.cpu else "cuda"
     # model -> (out, in, rank, tokens the gradient is made of: None for a full-rank gradient)
@@ -290,7 +290,7 @@ def step_svd(check: Check) -> dict:
         "svd": lambda g, r: torch.linalg.svd(g, full_matrices=False)[2][:r],
         "trainer": top_right_singular_vectors,
         "svd_lowrank": lambda g, r: torch.svd_lowrank(g, q=min(r + 16, min(g.shape)), niter=2)[2][:, :r].T,
-        "gram_eigh": lambda g, r: torch.linalg.eigh(g.T @ g)[1][:, -r:].flip(1).T,
+        "gram_eigh": gram_top_vectors,
     }
     if device == "cuda":
         methods["gesvda"] = lambda g, r: None if (svd := svd_gesvda(g)) is None else svd[2][:r]

@@ -124,8 +124,13 @@ def top_right_singular_vectors(g: torch.Tensor, k: int, rank_bound: int | None =
         svd = None if deficient else svd_gesvda(g)
         if svd is not None:
             return svd[2][:k]
-        return torch.linalg.eigh(g.T @ g)[1][:, -k:].flip(1).T  # eigh's values ascend
+        return gram_top_vectors(g, k)
     return torch.linalg.svd(g, full_matrices=False)[2][:k]
+
+
+def gram_top_vectors(g: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k right singular vectors of g as rows, from the eigenvectors of gᵀ·g."""
+    return torch.linalg.eigh(g.T @ g)[1][:, -k:].flip(1).T  # eigh's values ascend
 
 
 def pseudo_inverse(a: torch.Tensor) -> torch.Tensor:
