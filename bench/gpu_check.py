@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = {
     "env": (60, "versions and the device"),
     "cuda_tests": (150, "the CUDA-marked tests: NF4, LoQTLinear and checkpoints on the GPU against the CPU"),
-    "train_60m": (150, "60m LoQT and full-rank in bf16 through DeepSpeed: tokens/s, peak memory vs estimate"),
+    "train_60m": (
+        210,
+        "60m LoQT and full-rank in bf16 through DeepSpeed, eager and with train.cuda_graphs: tokens/s, "
+        "peak vs estimate",
+    ),
     "profile": (
         60,
         "one full-rank and one LoQT step, timed and under torch.profiler; the LoQT step's host syncs",
@@ -36,7 +39,7 @@ STEPS = {
     "train_1b": (150, "1b LoQT at the estimator's largest micro-batch; full-rank and LoQT speed"),
     "train_7b": (240, "jobs/train_7b_24gb.yaml: a few steps, peak memory vs estimate"),
     "svd": (90, "a refresh's SVD per layer shape: torch.linalg.svd against faster ways to the same P"),
-    "graphs": (120, "60m forward+backward alone, eager and replayed as a CUDA graph; then under DeepSpeed"),
+    "graphs": (60, "60m forward+backward alone (no optimizer), eager and replayed as CUDA graphs"),
 }
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 # the model sizes each step trains on a GPU, and on the CPU with --cpu
@@ -93,13 +96,15 @@ class Check:
         )  # fmt: skip
 
 
-def measure(cfg, steps: int, keep=lambda partial: None) -> dict:
+def measure(cfg, steps: int, keep=lambda partial: None, stand_in_graphs: bool = False) -> dict:
     """Train `steps` steps in this process on the engine `loqt-ray train` picks; tokens/s after the
     first step, peak memory against the estimator, the merge+refresh share. `keep` is given what
     is known so far after the build and after the first step (a step that times out keeps it).
     The peaks are this run's own: what earlier runs in the process still hold when it starts is
     taken off (on an H200, 1b LoQT measured after 1b full-rank peaked 21 GiB over its estimate,
-    about full-rank 1b's weights and Adam states; ZeRO's engines are not all freed)."""
+    about full-rank 1b's weights and Adam states; ZeRO's engines are not all freed).
+    `stand_in_graphs` (the CPU's, which has no CUDA graphs): train.cuda_graphs' replay logic runs
+    with the eager loss as the recording."""
     import torch
 
     from loqt_ray.launch import engine_for
@@ -113,6 +118,10 @@ def measure(cfg, steps: int, keep=lambda partial: None) -> dict:
     held = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     start = time.perf_counter()
     trainer = Trainer(cfg, make_engine=engine_for(cfg))
+    if stand_in_graphs:
+        from loqt_ray.graphs import StepGraphs
+
+        trainer.graphs = StepGraphs(trainer.model, True, print, record=lambda module, sample: module)
     cuda = trainer.device.type == "cuda"
     known = {"size": cfg.model.size, "method": cfg.loqt.method, "build_s": time.perf_counter() - start}
     keep(known)
@@ -147,7 +156,15 @@ def measure(cfg, steps: int, keep=lambda partial: None) -> dict:
         "estimate_peak_gib": estimate.peak / GIB,
         "peak_over_estimate": peak / estimate.peak if peak else None,
         "train_loss": trainer.train_metrics()["train_loss"],
+        **_graphs_state(trainer),
     }
+
+
+def _graphs_state(trainer) -> dict:
+    """train.cuda_graphs: how many steps replayed the recording, or why it is not in use."""
+    if trainer.graphs is None:
+        return {}
+    return {"graph_replays": trainer.graphs.replays, "graphs_off": trainer.graphs.off_reason}
 
 
 def step_env(check: Check) -> dict:
@@ -186,15 +203,27 @@ def step_cuda_tests(check: Check) -> dict:
 
 
 def step_train_60m(check: Check) -> dict:
-    # On the GPU: the default first gap between merges (100 steps) over 200 steps, so the merge
-    # share is the recipe's.
+    """The speed target's own measure, LoQT against full-rank tokens/s in whole training steps
+    (DeepSpeed), eagerly and with train.cuda_graphs (the step's forward and backward replayed from
+    a recording: 60m's step is host-bound). On the GPU: the default first gap between merges (100
+    steps) over 200 steps, so the merge share is the recipe's."""
     steps = 8 if check.cpu else 200
     runs = {}
-    for method in ("full", "loqt"):
-        cfg = check.config_60m(method, "loqt.schedule=static", f"loqt.update_interval={steps // 2}")
-        runs[method] = measure(cfg, steps)
-        print(method, runs[method], flush=True)
-    runs["loqt_over_full_tokens_per_s"] = runs["loqt"]["tokens_per_s"] / runs["full"]["tokens_per_s"]
+    for graphs in (False, True):
+        for method in ("full", "loqt"):
+            name = f"{method}_graphs" if graphs else method
+            extra = ["train.cuda_graphs=true"] if graphs and not check.cpu else []
+            cfg = check.config_60m(
+                method, "loqt.schedule=static", f"loqt.update_interval={steps // 2}", *extra
+            )
+            runs[name] = measure(cfg, steps, stand_in_graphs=graphs and check.cpu)
+            print(name, runs[name], flush=True)
+            check.keep(runs)
+    for prefix in ("", "graphs_"):
+        suffix = "_graphs" if prefix else ""
+        ratio = runs[f"loqt{suffix}"]["tokens_per_s"] / runs[f"full{suffix}"]["tokens_per_s"]
+        runs[f"{prefix}loqt_over_full_tokens_per_s"] = ratio
+    runs["graphs_loqt_over_eager_full"] = runs["loqt_graphs"]["tokens_per_s"] / runs["full"]["tokens_per_s"]
     return runs
 
 
@@ -375,19 +404,18 @@ def step_graphs(check: Check) -> dict:
     A replay launches the recorded kernels without Python or per-kernel launch cost, so graphed
     LoQT/full is what LoQT's step could reach once its launches stop setting the pace (train_60m's
     step is host-bound: README). The CPU has no graphs: eager only."""
-    import torch
-
+    from loqt_ray.graphs import LossOf, record_cuda_graphs
     from loqt_ray.trainer import Trainer
 
     results = {}
     for method in ("full", "loqt"):
         trainer = Trainer(check.config_60m(method, "train.steps=100"))
         ids, labels = (t.to(trainer.device) for t in trainer.stream.next_batch())
-        loss = _loss_module(trainer.model, trainer.device.type)
+        loss = LossOf(trainer.model, autocast=True)
         row = {"eager_tokens_per_s": ids.numel() / _seconds_per_pass(loss, ids, labels)}
         if trainer.device.type == "cuda":
             try:  # a host sync or a CPU tensor inside the pass makes capture fail: that is the finding
-                graphed = torch.cuda.make_graphed_callables(loss, (ids, labels), allow_unused_input=True)
+                graphed = record_cuda_graphs(loss, (ids, labels))
                 row["graphed_tokens_per_s"] = ids.numel() / _seconds_per_pass(graphed, ids, labels)
             except Exception as e:  # noqa: BLE001
                 row["graphed_error"] = f"{type(e).__name__}: {e}"[:400]
@@ -399,148 +427,7 @@ def step_graphs(check: Check) -> dict:
         if all(f"{mode}_tokens_per_s" in results[m] for m in ("full", "loqt")):
             ratio = results["loqt"][f"{mode}_tokens_per_s"] / results["full"][f"{mode}_tokens_per_s"]
             results[f"{mode}_loqt_over_full"] = ratio
-    check.keep(results)
-    if check.cpu:
-        results["deepspeed_replay"] = _replay_on_cpu(check)
-    else:
-        results["deepspeed_capture"] = _deepspeed_capture(check)
     return results
-
-
-def _replay_on_cpu(check: Check) -> dict:
-    """The CPU has no graphs: the eager loss stands in for the recorded one, so that replaying
-    through DeepSpeed (refresh steps eager, merges in place) runs in the suite and cannot rot."""
-    from loqt_ray.distributed import DeepSpeedEngine
-    from loqt_ray.trainer import Trainer
-
-    cfg = check.config_60m("loqt", "train.steps=20", "loqt.schedule=static", "loqt.update_interval=2")
-    trainer = Trainer(cfg, make_engine=DeepSpeedEngine)
-    ids, labels = trainer.stream.next_batch()
-    return _replayed_training(trainer, _loss_module(trainer.model, "cpu"), ids, labels, steps=4)
-
-
-def _deepspeed_capture(check: Check) -> dict:
-    """Whether the loss can be recorded as CUDA graphs once `loqt-ray train`'s DeepSpeed engine
-    holds the model, how, and what replaying it gains in whole training steps. On an H200 (torch
-    2.11) recording full-rank 60m's backward before any step failed: "operation would make the
-    legacy stream depend on a capturing blocking stream". The likely cause: an AccumulateGrad node
-    made on the default stream and kept alive keeps that stream (pytorch/pytorch#137483); newer
-    torch can redirect such stale streams during a recording
-    (torch.autograd.graph.set_override_stale_capture_stream, pytorch/pytorch#180090) and otherwise
-    refuses a stale default stream. Each variant records after two eager steps: the trainer built
-    and stepped on a side stream (LoQT, full-rank), with the override where torch has it, and on the
-    default stream (the failing case) last. Where a side-stream recording works, the same trainer
-    then trains 40 steps eagerly and 40 replaying (merges every 20 steps: refresh steps stay eager),
-    and a replayed loss is checked against the eager one on one batch after the merges."""
-    import torch
-
-    from loqt_ray.distributed import DeepSpeedEngine
-    from loqt_ray.trainer import Trainer
-
-    override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
-    variants = {  # name -> (method, on a side stream, with the override, then train with it)
-        "loqt_side_stream": ("loqt", True, False, True),
-        "full_side_stream": ("full", True, False, True),
-        "full_override": ("full", False, True, False),
-        "full_default_stream": ("full", False, False, False),
-    }
-    results = {"torch": torch.__version__}
-    for name, (method, side, use_override, train) in variants.items():
-        if use_override and override is None:
-            results[name] = f"n/a: torch {torch.__version__} has no set_override_stale_capture_stream"
-            continue
-        stream = torch.cuda.Stream() if side else torch.cuda.current_stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            cfg = check.config_60m(
-                method, "train.steps=200", "loqt.schedule=static", "loqt.update_interval=20"
-            )
-            trainer = Trainer(cfg, make_engine=DeepSpeedEngine)
-            for _ in range(2):
-                trainer.train_step()
-            ids, labels = (t.to(trainer.device) for t in trainer.stream.next_batch())
-            try:
-                if use_override:
-                    override(True)
-                graphed = torch.cuda.make_graphed_callables(
-                    _loss_module(trainer.model, "cuda"), (ids, labels), allow_unused_input=True
-                )
-                results[name] = {"recorded": True}
-            except Exception as e:  # noqa: BLE001 - the error is the finding
-                results[name] = {"recorded": False, "error": f"{type(e).__name__}: {e}"[:300]}
-            finally:
-                if use_override:
-                    override(False)
-            check.keep(results)
-            if train and results[name]["recorded"]:
-                try:
-                    results[name].update(_replayed_training(trainer, graphed, ids, labels))
-                except Exception as e:  # noqa: BLE001 - so is this one
-                    results[name]["replay_error"] = f"{type(e).__name__}: {e}"[:300]
-        torch.cuda.current_stream().wait_stream(stream)
-        print(name, results[name], flush=True)
-        check.keep(results)
-        del trainer
-        gc.collect()
-    rows = [results.get(f"{method}_side_stream") for method in ("loqt", "full")]
-    if all(isinstance(row, dict) and "replayed_tokens_per_s" in row for row in rows):
-        loqt, full = rows  # whole DeepSpeed training steps, the target's measure
-        for mode in ("eager", "replayed"):
-            results[f"{mode}_loqt_over_full"] = loqt[f"{mode}_tokens_per_s"] / full[f"{mode}_tokens_per_s"]
-    return results
-
-
-def _replayed_training(trainer, graphed, ids, labels, steps: int = 40) -> dict:
-    """Tokens/s over `steps` eager training steps, then over as many with the engine's forward
-    replaced by the recorded loss (the eager forward where a refresh captures gradients); then the
-    recorded loss on one batch against the eager one, after merges changed W, P and B in place."""
-    import torch
-
-    def tokens_per_s() -> float:
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step()
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        return steps * trainer.tokens_per_step / (time.perf_counter() - start)
-
-    eager_forward = trainer.engine.model
-    row = {"eager_tokens_per_s": tokens_per_s()}
-
-    def forward(input_ids, labels):
-        if any(layer.capture for layer in trainer.layers):  # a refresh step: gradients go to Python
-            return eager_forward(input_ids=input_ids, labels=labels)
-        return types.SimpleNamespace(loss=graphed(input_ids, labels))
-
-    trainer.engine.model = forward
-    try:
-        row["replayed_tokens_per_s"] = tokens_per_s()
-    finally:
-        trainer.engine.model = eager_forward
-    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):
-        row["loss_replayed"] = graphed(ids, labels).item()
-        row["loss_eager"] = eager_forward(input_ids=ids, labels=labels).loss.item()
-    row["updates"] = trainer.counters["updates"]
-    return row
-
-
-def _loss_module(model, device_type: str):
-    """model(ids, labels).loss under bf16 autocast as a module of tensors to a tensor, which is what
-    make_graphed_callables takes. Autocast's cast cache must be off inside a capture."""
-    import torch
-
-    class LossOf(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids, labels):
-            with torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False):
-                return self.model(input_ids=ids, labels=labels).loss
-
-    return LossOf()
 
 
 def _seconds_per_pass(loss_fn, ids, labels, passes: int = 10) -> float:
@@ -644,10 +531,18 @@ def _profile_text(r: dict) -> str:
 
 
 def _60m_text(r: dict) -> str:
+    graphs = ", ".join(
+        f"{m} {r[f'{m}_graphs']['tokens_per_s']:.0f} ({r[f'{m}_graphs']['graph_replays']} steps replayed"
+        + (f"; off: {r[f'{m}_graphs']['graphs_off']}" if r[f"{m}_graphs"]["graphs_off"] else "")
+        + ")"
+        for m in ("full", "loqt")
+    )
     return (
         f"LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f} ({r['loqt']['tokens_per_s']:.0f} / "
         f"{r['full']['tokens_per_s']:.0f}); merge share {100 * r['loqt']['update_share']:.1f} %; "
-        f"peak/estimate full {_ratio(r['full'])}, loqt {_ratio(r['loqt'])}"
+        f"peak/estimate full {_ratio(r['full'])}, loqt {_ratio(r['loqt'])}; with train.cuda_graphs: "
+        f"{graphs}, LoQT/full {r['graphs_loqt_over_full_tokens_per_s']:.2f} (over eager full-rank "
+        f"{r['graphs_loqt_over_eager_full']:.2f}), peak/estimate loqt {_ratio(r['loqt_graphs'])}"
     )
 
 
@@ -659,26 +554,6 @@ def _graphs_text(r: dict) -> str:
         else:
             error = r["loqt"].get("graphed_error") or r["full"].get("graphed_error")
             parts.append(f"{mode}: {error or 'n/a (CPU)'}")
-    for name, v in r.get("deepspeed_capture", {}).items():
-        if name == "torch" or name.endswith("_loqt_over_full"):
-            continue
-        if not isinstance(v, dict):
-            parts.append(f"DeepSpeed {name}: {v}")
-        elif not v["recorded"]:
-            parts.append(f"DeepSpeed {name}: {v['error']}")
-        elif "replayed_tokens_per_s" in v:
-            parts.append(
-                f"DeepSpeed {name}: steps {v['eager_tokens_per_s']:.0f} -> {v['replayed_tokens_per_s']:.0f} "
-                f"tokens/s replayed, loss {v['loss_replayed']:.4f} vs eager {v['loss_eager']:.4f}"
-            )
-        else:
-            parts.append(f"DeepSpeed {name}: recorded")
-    steps = r.get("deepspeed_capture", {})
-    if "replayed_loqt_over_full" in steps:
-        parts.append(
-            f"training steps LoQT/full: eager {steps['eager_loqt_over_full']:.2f}, "
-            f"replayed {steps['replayed_loqt_over_full']:.2f}"
-        )
     return "; ".join(parts)
 
 

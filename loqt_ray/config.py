@@ -173,6 +173,10 @@ class TrainConfig:
     master_weights: bool = True
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # Replay the loss's forward and backward from a CUDA graphs recording on steps without a
+    # refresh (graphs.py): for small models whose GPU step waits on the host. Needs a GPU and one
+    # micro-batch per step; holds a second set of activations on refresh steps.
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -576,6 +580,28 @@ def _validate_precision(cfg: Config) -> None:
         )
 
 
+def _validate_graphs(cfg: Config) -> None:
+    if not cfg.train.cuda_graphs:
+        return
+    _require(
+        cfg.scale.use_gpu,
+        "train.cuda_graphs",
+        "records CUDA graphs: set scale.use_gpu=true or cuda_graphs=false",
+    )
+    _require(
+        cfg.train.grad_accum == 1,
+        "train.cuda_graphs",
+        "a replay returns the recording's own gradient buffers, which a second micro-batch would "
+        "overwrite: set train.grad_accum=1 (a larger train.micro_batch_size instead) or cuda_graphs=false",
+    )
+    _require(
+        not cfg.optim.per_layer,
+        "train.cuda_graphs",
+        "per-layer updates are for models whose step the GPU sets the pace of, where a recording "
+        "gains nothing: set optim.per_layer=false or cuda_graphs=false",
+    )
+
+
 def _validate_train(train: TrainConfig) -> None:
     _require(
         bool(train.name) and "/" not in train.name,
@@ -657,5 +683,6 @@ def validate(cfg: Config) -> None:
         )
     _validate_optim(cfg.optim, cfg.train, cfg.scale)
     _validate_precision(cfg)
+    _validate_graphs(cfg)
     _validate_train(cfg.train)
     _validate_scale(cfg.scale)

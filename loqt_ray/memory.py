@@ -196,7 +196,7 @@ class TrainerEstimate:
     optimizer_states: float
     step_temporaries: float  # what an optimizer step allocates besides its states
     activations: float  # saved for backward at the config's micro-batch
-    refresh: float  # held on refresh steps on top of the steady peak (the gradient capture)
+    refresh: float  # held on refresh steps on top of the steady peak (the gradient capture, graphs')
 
     @property
     def steady(self) -> float:
@@ -239,6 +239,14 @@ def refresh_bytes(cfg: Config, mats: list[tuple[int, int]], ranks: list[int]) ->
     if not cfg.layerwise_refresh():
         return 4.0 * sum(m * n for m, n in mats)
     return 4.0 * max(2 * m * n + m * m + m for m, n in mats)  # G and Vh (m x n), U (m x m), S
+
+
+def graphs_bytes(cfg: Config, activations: float, gradients: float) -> float:
+    """train.cuda_graphs' extra on refresh steps: those run eagerly while the recording's memory
+    pool keeps the activations and gradients of the recorded pass, so they need their own."""
+    if not cfg.train.cuda_graphs or cfg.loqt.method == "full":
+        return 0.0
+    return activations + gradients
 
 
 def step_temporaries(cfg: Config, largest: int, state_width: float) -> float:
@@ -311,6 +319,9 @@ def trainer_estimate(cfg: Config, batch: int | None = None) -> TrainerEstimate:
     state_width = 4.0 if (master or width == 4.0) else width
     tokens = (batch or cfg.train.micro_batch_size) * cfg.data.seq_len
     compute = 2.0 if cfg.train.dtype == "bfloat16" else 4.0
+    activations = saved_activation_bytes(
+        shape, cfg.data.vocab_size, tokens, cfg.loqt.rank, cfg.loqt.method != "full", compute
+    )
     return TrainerEstimate(
         engine=_engine_words(cfg, width, master),
         weights=_frozen_bytes(cfg, mats, ranks, width) + width * count,
@@ -322,10 +333,8 @@ def trainer_estimate(cfg: Config, batch: int | None = None) -> TrainerEstimate:
         + (zero_bucket(count) * (4.0 if cfg.scale.zero_stage == 1 else width) if sharded else 0.0),
         optimizer_states=adam_bytes(trainable, _optimizer_assumptions(cfg, state_width)) / shards,
         step_temporaries=step_temporaries(cfg, max(trainable), state_width),
-        activations=saved_activation_bytes(
-            shape, cfg.data.vocab_size, tokens, cfg.loqt.rank, cfg.loqt.method != "full", compute
-        ),
-        refresh=refresh_bytes(cfg, mats, ranks),
+        activations=activations,
+        refresh=refresh_bytes(cfg, mats, ranks) + graphs_bytes(cfg, activations, width * count),
     )
 
 

@@ -22,6 +22,7 @@ from .checkpoint import Checkpointer
 from .config import Config
 from .data import IGNORE_INDEX, PackedSplit, SequenceStream, prepare, val_rows
 from .engine import Engine, PlainEngine
+from .graphs import StepGraphs, use_capture_stream
 from .loqt import apply_loqt, loqt_layers
 from .models import build_device, build_model
 from .optim import lr_factor
@@ -173,6 +174,8 @@ class Trainer:
                 file=sys.stderr,
             )
         self.device = torch.device("cuda" if use_cuda else "cpu")
+        if cfg.train.cuda_graphs and use_cuda:
+            use_capture_stream()  # before anything is built (graphs.py says why)
         self.data = prepare(cfg.data)
         vocab = len(self.data.tokenizer)
         model = build_model(
@@ -198,6 +201,7 @@ class Trainer:
         autocast = cfg.train.dtype == "bfloat16" and cfg.train.master_weights
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast)
         self.capture_reduce = mean_over_ranks(world_size) if cfg.layerwise_refresh() else None
+        self.graphs = self._step_graphs(autocast) if cfg.train.cuda_graphs else None
         self.stream = SequenceStream(
             self.data.train, cfg.train.micro_batch_size, cfg.train.seed, rank, world_size
         )
@@ -229,10 +233,8 @@ class Trainer:
             for layer in self.layers:
                 layer.start_capture(self.capture_reduce, self.tokens_per_step)
         for _ in range(train.grad_accum):
-            ids, labels = self.stream.next_batch()
-            with self.autocast:  # only the loss is kept: the logits go before backward
-                loss = self.engine.model(input_ids=ids.to(self.device), labels=labels.to(self.device)).loss
-            loss = loss / train.grad_accum
+            ids, labels = (t.to(self.device) for t in self.stream.next_batch())
+            loss = self._loss(ids, labels, refresh) / train.grad_accum
             self.engine.backward(loss)
             self._loss_sum += loss.detach().float()
         self._steps_summed += 1
@@ -248,6 +250,26 @@ class Trainer:
                 self._agree(step + 1)
         self.counters["train_time"] += time.perf_counter() - start
         self.step += 1
+
+    def _loss(self, ids: torch.Tensor, labels: torch.Tensor, refresh: bool) -> torch.Tensor:
+        """One micro-batch's loss, its backward to come: replayed where train.cuda_graphs has a
+        recording for this step, else eager (only the loss is kept: the logits go before backward)."""
+        if self.graphs is not None and not refresh:
+            loss = self.graphs.loss(ids, labels)
+            if loss is not None:
+                return loss
+        with self.autocast:
+            return self.engine.model(input_ids=ids, labels=labels).loss
+
+    def _step_graphs(self, autocast: bool) -> StepGraphs | None:
+        def say(message: str) -> None:
+            if self.rank == 0:
+                print(message, file=sys.stderr, flush=True)
+
+        if self.device.type != "cuda":
+            say("train.cuda_graphs: no CUDA device here; training eagerly")
+            return None
+        return StepGraphs(self.model, autocast, say)
 
     def _agree(self, step: int) -> None:
         start = time.perf_counter()
@@ -283,6 +305,8 @@ class Trainer:
         if self.world_size > 1:  # the rank-agreement check: its time, and layers it had to repair
             metrics["agree_time_s"] = self.counters["agree_time"]
             metrics["rank_repairs"] = self.counters["repairs"]
+        if self.graphs is not None:  # steps replayed from the CUDA graphs recording (train.cuda_graphs)
+            metrics["graph_replays"] = self.graphs.replays
         if self._grad_norm is not None:
             metrics["grad_norm"] = float(self._grad_norm)  # of the last step, before clipping
         return metrics

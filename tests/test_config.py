@@ -60,6 +60,19 @@ def test_defaults_and_overrides(tmp_path):
             "train.master_weights",
             "optim.per_layer=true",
         ),
+        ("", ["train.cuda_graphs=true"], "train.cuda_graphs", "scale.use_gpu=true"),
+        (
+            "",
+            ["train.cuda_graphs=true", "scale.use_gpu=true", "train.grad_accum=2"],
+            "train.cuda_graphs",
+            "train.grad_accum=1",
+        ),
+        (
+            "",
+            ["train.cuda_graphs=true", "scale.use_gpu=true", "optim.per_layer=true"],
+            "train.cuda_graphs",
+            "optim.per_layer=false",
+        ),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, text, overrides, field, allowed):

@@ -100,3 +100,26 @@ def test_a_checkpoint_saved_on_the_gpu_loads_on_the_cpu(data_dir, tmp_path):
         assert torch.equal(a.cpu(), b), name
     gpu.train_step()  # and both go on
     cpu.train_step()
+
+
+@pytest.mark.parametrize("method", ["loqt", "full"])
+def test_a_cuda_graphs_run_replays_its_steps_and_trains_as_the_eager_run(data_dir, method):
+    """train.cuda_graphs through the DeepSpeed engine: the recording is made and passes its own
+    check against eager, every step without a refresh after the first two eager ones replays,
+    and the losses follow the eager run's (bf16 kernels may reduce in another order)."""
+    from loqt_ray.distributed import DeepSpeedEngine
+    from loqt_ray.trainer import Trainer
+
+    losses = {}
+    for graphs in (False, True):
+        cfg = nano_config(
+            data_dir, f"loqt.method={method}", "loqt.update_interval=3", "loqt.refresh_interval=6",
+            "train.steps=10", "train.micro_batch_size=4", "train.log_every=1", "train.eval_every=10",
+            "train.dtype=bfloat16", "scale.use_gpu=true", f"train.cuda_graphs={graphs}",
+        )  # fmt: skip
+        trainer, rows = Trainer(cfg, make_engine=DeepSpeedEngine), []
+        trainer.train(rows.append)
+        losses[graphs] = [row["train_loss"] for row in rows]
+    assert trainer.graphs.off_reason is None
+    assert trainer.graphs.replays == (6 if method == "loqt" else 8)  # LoQT refreshes at steps 0 and 6
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)

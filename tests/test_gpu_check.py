@@ -38,6 +38,11 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     speed = steps["train_60m"]["result"]
     assert speed["loqt"]["tokens_per_s"] > 0 and speed["loqt"]["updates_after_step_0"] == 1
     assert speed["loqt_over_full_tokens_per_s"] > 0
+    # train.cuda_graphs' replay logic, the eager loss standing in for the recording: 8 steps, merges
+    # with refreshes at 0 and 4 run eagerly, as do the first two others; full-rank never refreshes
+    assert speed["loqt_graphs"]["graph_replays"] == 4 and speed["full_graphs"]["graph_replays"] == 6
+    assert speed["loqt_graphs"]["graphs_off"] is None and speed["loqt_graphs"]["updates_after_step_0"] == 1
+    assert speed["graphs_loqt_over_full_tokens_per_s"] > 0 and speed["graphs_loqt_over_eager_full"] > 0
     big = steps["train_1b"]["result"]
     assert big["loqt_largest"]["recommended_micro_batch"] >= 1 and big["loqt_over_full_tokens_per_s"] > 0
     assert big["full"]["micro_batch"] == big["loqt"]["micro_batch"]  # speed compared at one micro-batch
@@ -52,8 +57,5 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert profile["loqt"]["step_ms"] > 0 and profile["full"]["profiled_host_ms"] > 0
     graphs = steps["graphs"]["result"]
     assert graphs["eager_loqt_over_full"] > 0 and "graphed_loqt_over_full" not in graphs  # no graphs on a CPU
-    replay = graphs["deepspeed_replay"]  # the replaying forward's plumbing, the eager loss standing in
-    assert replay["replayed_tokens_per_s"] > 0 and replay["updates"] == 4  # merges at 0, 2; 4, 6 replaying
-    assert replay["loss_replayed"] == pytest.approx(replay["loss_eager"], rel=1e-3)
     assert "| train_60m | ok |" in proc.stdout  # the summary table
     assert len(list(out.iterdir())) <= 8  # what comes back from the GPU machine

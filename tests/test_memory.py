@@ -135,6 +135,31 @@ def test_the_refresh_method_sets_the_refresh_step_extra():
     assert layerwise.refresh < dense / 50 and layerwise.steady == exact.steady
 
 
+def test_cuda_graphs_add_a_second_pass_of_activations_and_gradients_on_refresh_steps():
+    """Refresh steps run eagerly while the recording's pool keeps its own activations and gradients
+    (one per trainable value, bf16 under DeepSpeed on a GPU); full-rank never refreshes."""
+    from loqt_ray.config import load_config
+    from loqt_ray.loqt import apply_loqt
+    from loqt_ray.memory import trainer_estimate
+    from loqt_ray.models import build_model
+
+    for method in ("loqt", "full"):
+        base = ["model.size=nano", "data.vocab_size=2048", f"loqt.method={method}", "scale.use_gpu=true",
+                "train.dtype=bfloat16"]  # fmt: skip
+        cfg = load_config(None, base)
+        eager, graphs = (
+            trainer_estimate(cfg),
+            trainer_estimate(load_config(None, [*base, "train.cuda_graphs=true"])),
+        )
+        assert graphs.steady == eager.steady
+        if method == "full":
+            assert graphs.refresh == eager.refresh == 0
+            continue
+        model = apply_loqt(build_model("nano", 2048, 128, seed=0), cfg.loqt)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert graphs.refresh - eager.refresh == pytest.approx(eager.activations + 2 * trainable)
+
+
 def test_memory_command_prints_the_table_and_the_largest_batch(capsys):
     argv = [
         "memory",

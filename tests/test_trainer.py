@@ -144,3 +144,83 @@ def test_16_bit_mode_stores_trainable_values_in_bf16_and_learns(data_dir):
         and trainer.layers[0].projection.dtype == torch.bfloat16
     )
     assert final["updates"] == 4 and rows[1]["val_ppl"] < rows[0]["val_ppl"] < 2048
+
+
+def _graph_runs(data_dir, record):
+    """The same LoQT run trained eagerly and with train.cuda_graphs' StepGraphs installed, whose
+    recording is `record` (the CPU has no CUDA graphs: the trainer's logic around them is tested)."""
+    from loqt_ray.graphs import StepGraphs
+    from loqt_ray.trainer import Trainer
+
+    runs, said = [], []
+    for graphs in (False, True):
+        cfg = nano_config(
+            data_dir, "loqt.update_interval=3", "loqt.refresh_interval=6", "train.steps=10",
+            "train.micro_batch_size=4", "train.log_every=1", "train.eval_every=10",
+        )  # fmt: skip
+        trainer, rows = Trainer(cfg), []
+        if graphs:
+            trainer.graphs = StepGraphs(trainer.model, False, said.append, record=record)
+        trainer.train(rows.append)
+        runs.append((trainer, rows))
+    return runs, said
+
+
+def test_cuda_graphs_replay_every_step_without_a_refresh_and_train_the_same_model(data_dir):
+    """Replays start after two eager steps, skip refresh steps (0 and 6 here: their backward gives
+    the gradient to Python) and leave the merges (0, 3, 6, 9) and the losses as eager training has
+    them. Here the recording is the loss module itself, so the two runs must agree exactly."""
+    recorded = []
+
+    def record(module, sample):
+        recorded.append(sample[0].shape)
+        return module
+
+    ((eager, eager_rows), (graphed, rows)), said = _graph_runs(data_dir, record)
+    assert recorded == [(4, 64)] and said == [said[0]] and "recorded" in said[0]
+    non_refresh = [s for s in range(10) if not graphed.schedule.is_refresh(s)]  # 1-5, 7-9
+    assert graphed.graphs.replays == len(non_refresh) - 2 == 6 and rows[-1]["graph_replays"] == 6
+    assert graphed.counters["updates"] == eager.counters["updates"] == 4
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in eager_rows]
+    for a, b in zip(graphed.model.state_dict().values(), eager.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("failure", ["raises", "disagrees"])
+def test_a_recording_that_fails_or_disagrees_with_eager_leaves_training_eager(data_dir, failure):
+    """Recording is a speed option: a failure, or a replay whose loss or gradients differ from
+    eager ones, is reported in one line and the run goes on eagerly, unchanged."""
+
+    def record(module, sample):
+        if failure == "raises":
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        return lambda ids, labels: module(ids, labels) * 1.5
+
+    ((eager, eager_rows), (graphed, rows)), said = _graph_runs(data_dir, record)
+    raised = "recording failed: RuntimeError: operation not permitted"
+    expected = raised if failure == "raises" else "disagreed"
+    assert len(said) == 1 and expected in said[0] and said[0].endswith("training on eagerly"), said
+    assert "\n" not in said[0]
+    assert graphed.graphs.replays == 0 and graphed.graphs.graphed is None
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in eager_rows]
+
+
+def test_cuda_graphs_fall_back_to_eager_for_a_batch_of_another_shape(data_dir):
+    from loqt_ray.graphs import StepGraphs
+    from loqt_ray.models import build_model
+
+    model = build_model("nano", 2048, 128, seed=0)
+    graphs = StepGraphs(model, False, print, record=lambda module, sample: module)
+    ids = torch.randint(0, 2048, (2, 16))
+    assert [graphs.loss(ids, ids) is None for _ in range(3)] == [True, True, False]  # 2 eager, then recorded
+    assert graphs.loss(ids[:, :8], ids[:, :8]) is None and graphs.replays == 1
+
+
+def test_cuda_graphs_on_a_machine_without_cuda_train_eagerly_and_say_so(data_dir, capsys):
+    from loqt_ray.trainer import Trainer
+
+    cfg = nano_config(data_dir, "scale.use_gpu=true", "train.cuda_graphs=true", "train.steps=2")
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert trainer.graphs is None and trainer.step == 2
+    assert "train.cuda_graphs: no CUDA device here; training eagerly" in capsys.readouterr().err
