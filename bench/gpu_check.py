@@ -462,7 +462,7 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="the same steps on the CPU at tiny sizes")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     ap.add_argument("--only", nargs="+", choices=list(STEPS), help="run these steps only")
-    ap.add_argument("--budget", type=float, default=450, help="seconds for all steps (GPU; doubled on CPU)")
+    ap.add_argument("--budget", type=float, default=480, help="seconds for all steps (GPU; doubled on CPU)")
     ap.add_argument("--work", help="corpus, data cache and step results (default: a temporary folder)")
     ap.add_argument("--run-step", choices=list(STEPS), help=argparse.SUPPRESS)  # one step, in a child
     ap.add_argument("--limit", type=float, default=600, help=argparse.SUPPRESS)  # the child's seconds

@@ -4,8 +4,8 @@
 #   bench/gpu_check.sh            results under $OUT (or runs/gpu_check): gpu_check.json, .log,
 #                                 profile.txt
 #   bench/gpu_check.sh --cpu      the same steps on this machine's CPU at tiny sizes
-# Never waits for input; every step has its own timeout inside an overall budget of 450 s (--budget;
-# GPU_CHECK_TIMEOUT, 480 s, stops the whole script).
+# Never waits for input; every step has its own timeout inside an overall budget of 480 s (--budget;
+# GPU_CHECK_TIMEOUT, 510 s, stops the whole script).
 set -u
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-runs/gpu_check}"
@@ -21,4 +21,4 @@ else
         export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
 fi
-exec timeout "${GPU_CHECK_TIMEOUT:-480}" "$PY" bench/gpu_check.py --out "$OUT" "$@" </dev/null
+exec timeout "${GPU_CHECK_TIMEOUT:-510}" "$PY" bench/gpu_check.py --out "$OUT" "$@" </dev/null
