@@ -6,7 +6,9 @@ The trainer drives every engine through the same calls, once per optimizer step:
     for each micro-batch:  loss = engine.model(...).loss / grad_accum;  engine.backward(loss)
     norm = engine.step()          # the one call that applies the optimizer step
 
-- `model`: the module forwards go through (training and evaluation alike).
+- `model`: the module forwards go through (training and evaluation alike; with
+  train.cuda_graphs, training steps without a refresh replay a recording of the inner model's
+  loss instead, graphs.py, and `backward` takes that loss as it takes any other).
 - `backward(loss)`: accumulates one micro-batch's gradients; never steps the optimizer
   (per-layer updates are the one exception, documented on PerLayerOptimizer: they step
   inside backward, and `step` then only reports).
