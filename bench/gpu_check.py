@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +165,8 @@ def _graphs_state(trainer) -> dict:
     """train.cuda_graphs: how many steps replayed the recording, or why it is not in use."""
     if trainer.graphs is None:
         return {}
+    if trainer.graphs.failure is not None:  # the log gets the whole story, the table one line
+        traceback.print_exception(trainer.graphs.failure)
     return {"graph_replays": trainer.graphs.replays, "graphs_off": trainer.graphs.off_reason}
 
 

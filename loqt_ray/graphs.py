@@ -98,6 +98,7 @@ class StepGraphs:
         self.shape: torch.Size | None = None
         self.eager_steps_left = WARMUP_STEPS
         self.off_reason: str | None = None  # set when recording failed or did not match eager
+        self.failure: Exception | None = None  # what recording raised, traceback and all
         self.replays = 0
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
@@ -122,6 +123,7 @@ class StepGraphs:
             graphed = self.record(self.module, sample)
             self._check(graphed, ids, labels)
         except Exception as exc:  # noqa: BLE001 - any failure means: train eagerly, and say why
+            self.failure = exc
             self.off_reason = f"recording failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
         if self.off_reason is not None:
             self.say(f"train.cuda_graphs: {self.off_reason}; training on eagerly")

@@ -202,6 +202,7 @@ def test_a_recording_that_fails_or_disagrees_with_eager_leaves_training_eager(da
     assert len(said) == 1 and expected in said[0] and said[0].endswith("training on eagerly"), said
     assert "\n" not in said[0]
     assert graphed.graphs.replays == 0 and graphed.graphs.graphed is None
+    assert isinstance(graphed.graphs.failure, RuntimeError) == (failure == "raises")
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in eager_rows]
 
 
