@@ -47,7 +47,15 @@ def use_capture_stream() -> None:
 
 
 def record_cuda_graphs(module: torch.nn.Module, args: tuple) -> Callable:
-    return torch.cuda.make_graphed_callables(module, args, allow_unused_input=True)
+    """torch.cuda.make_graphed_callables, with torch's own remedy for a stale stream switched on
+    while it records where torch has it (from pytorch/pytorch#180090, after the GPU machine's 2.11):
+    any gradient accumulator still on another stream is moved to the recording's."""
+    override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", lambda enabled: None)
+    override(True)
+    try:
+        return torch.cuda.make_graphed_callables(module, args, allow_unused_input=True)
+    finally:
+        override(False)
 
 
 def relative_gap(grads: tuple, reference: tuple) -> float:

@@ -186,23 +186,32 @@ def test_cuda_graphs_replay_every_step_without_a_refresh_and_train_the_same_mode
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("failure", ["raises", "disagrees"])
+@pytest.mark.parametrize("failure", ["raises", "disagrees", "torch on a CPU"])
 def test_a_recording_that_fails_or_disagrees_with_eager_leaves_training_eager(data_dir, failure):
     """Recording is a speed option: a failure, or a replay whose loss or gradients differ from
-    eager ones, is reported in one line and the run goes on eagerly, unchanged."""
+    eager ones, is reported in one line and the run goes on eagerly, unchanged. The last case is
+    torch's own recorder where there is no CUDA device."""
+    from loqt_ray.graphs import record_cuda_graphs
 
     def record(module, sample):
         if failure == "raises":
             raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        if failure == "torch on a CPU":
+            return record_cuda_graphs(module, sample)
         return lambda ids, labels: module(ids, labels) * 1.5
 
+    if failure == "torch on a CPU" and torch.cuda.is_available():
+        pytest.skip("records for real where there is a GPU (tests/test_cuda.py)")
     ((eager, eager_rows), (graphed, rows)), said = _graph_runs(data_dir, record)
-    raised = "recording failed: RuntimeError: operation not permitted"
-    expected = raised if failure == "raises" else "disagreed"
+    expected = {
+        "raises": "recording failed: RuntimeError: operation not permitted",
+        "disagrees": "the replay disagreed with eager training: loss",
+        "torch on a CPU": "recording failed: RuntimeError",
+    }[failure]
     assert len(said) == 1 and expected in said[0] and said[0].endswith("training on eagerly"), said
     assert "\n" not in said[0]
     assert graphed.graphs.replays == 0 and graphed.graphs.graphed is None
-    assert isinstance(graphed.graphs.failure, RuntimeError) == (failure == "raises")
+    assert isinstance(graphed.graphs.failure, RuntimeError) == (failure != "disagrees")
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in eager_rows]
 
 
