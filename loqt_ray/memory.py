@@ -196,7 +196,8 @@ class TrainerEstimate:
     optimizer_states: float
     step_temporaries: float  # what an optimizer step allocates besides its states
     activations: float  # saved for backward at the config's micro-batch
-    refresh: float  # held on refresh steps on top of the steady peak (the gradient capture, graphs')
+    refresh: float  # held on refresh steps on top of the steady peak (the gradient capture)
+    graphs: float  # train.cuda_graphs: refresh steps' eager pass beside the recording's
 
     @property
     def steady(self) -> float:
@@ -205,7 +206,7 @@ class TrainerEstimate:
 
     @property
     def peak(self) -> float:
-        return self.steady + self.refresh
+        return self.steady + self.refresh + self.graphs
 
 
 def saved_activation_bytes(
@@ -334,7 +335,8 @@ def trainer_estimate(cfg: Config, batch: int | None = None) -> TrainerEstimate:
         optimizer_states=adam_bytes(trainable, _optimizer_assumptions(cfg, state_width)) / shards,
         step_temporaries=step_temporaries(cfg, max(trainable), state_width),
         activations=activations,
-        refresh=refresh_bytes(cfg, mats, ranks) + graphs_bytes(cfg, activations, width * count),
+        refresh=refresh_bytes(cfg, mats, ranks),
+        graphs=graphs_bytes(cfg, activations, width * count),
     )
 
 
@@ -356,8 +358,10 @@ def trainer_table(e: TrainerEstimate, batch: int, seq: int) -> str:
         (f"activations (batch {batch} x seq {seq})", e.activations),
         ("steady-step peak", e.steady),
         ("+ refresh steps", e.refresh),
-        ("refresh-step peak", e.peak),
     ]
+    if e.graphs:
+        rows.append(("+ refresh steps' eager pass beside the CUDA graphs recording", e.graphs))
+    rows.append(("refresh-step peak", e.peak))
     return "\n".join(["| GiB | this trainer |", "|---|---|"] + [f"| {k} | {v / GIB:.2f} |" for k, v in rows])
 
 
