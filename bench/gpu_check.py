@@ -534,12 +534,11 @@ def _profile_text(r: dict) -> str:
 
 
 def _60m_text(r: dict) -> str:
-    graphs = ", ".join(
-        f"{m} {r[f'{m}_graphs']['tokens_per_s']:.0f} ({r[f'{m}_graphs']['graph_replays']} steps replayed"
-        + (f"; off: {r[f'{m}_graphs']['graphs_off']}" if r[f"{m}_graphs"]["graphs_off"] else "")
-        + ")"
-        for m in ("full", "loqt")
-    )
+    def graphed(run: dict) -> str:
+        off = f"; off: {run['graphs_off']}" if run.get("graphs_off") else ""
+        return f"{run['tokens_per_s']:.0f} ({run.get('graph_replays', 'no')} steps replayed{off})"
+
+    graphs = ", ".join(f"{m} {graphed(r[f'{m}_graphs'])}" for m in ("full", "loqt"))
     return (
         f"LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f} ({r['loqt']['tokens_per_s']:.0f} / "
         f"{r['full']['tokens_per_s']:.0f}); merge share {100 * r['loqt']['update_share']:.1f} %; "
