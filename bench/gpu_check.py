@@ -591,11 +591,13 @@ def summary(results: dict) -> str:
     """The table the README and the issue note quote."""
     lines = ["| step | status | s | result |", "|---|---|---|---|"]
     for name, step in results["steps"].items():
-        if step.get("result"):
-            text = STEP_TEXT[name](step["result"])
-        else:  # what a failed step measured before it failed, as it is
-            partial = step.get("partial", {})
-            text = ", ".join(f"{k}={v}" for k, v in partial.items())
+        measured = step.get("result") or step.get("partial", {})
+        try:
+            text = STEP_TEXT[name](step["result"]) if step.get("result") else None
+        except (KeyError, TypeError):  # a result without a number the cell expects: the table stays
+            text = None
+        if text is None:  # what a failed step measured before it failed, as it is
+            text = ", ".join(f"{k}={v}" for k, v in measured.items())
         lines.append(f"| {name} | {step['status']} | {step['seconds']} | {text} |")
     return "\n".join(lines)
 
