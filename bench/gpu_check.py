@@ -222,11 +222,10 @@ def step_train_60m(check: Check) -> dict:
             runs[name] = measure(cfg, steps, stand_in_graphs=graphs and check.cpu)
             print(name, runs[name], flush=True)
             check.keep(runs)
-    for prefix in ("", "graphs_"):
-        suffix = "_graphs" if prefix else ""
-        ratio = runs[f"loqt{suffix}"]["tokens_per_s"] / runs[f"full{suffix}"]["tokens_per_s"]
-        runs[f"{prefix}loqt_over_full_tokens_per_s"] = ratio
-    runs["graphs_loqt_over_eager_full"] = runs["loqt_graphs"]["tokens_per_s"] / runs["full"]["tokens_per_s"]
+    speed = {name: run["tokens_per_s"] for name, run in runs.items()}
+    runs["loqt_over_full_tokens_per_s"] = speed["loqt"] / speed["full"]
+    runs["graphs_loqt_over_full_tokens_per_s"] = speed["loqt_graphs"] / speed["full_graphs"]
+    runs["graphs_loqt_over_eager_full"] = speed["loqt_graphs"] / speed["full"]
     return runs
 
 
@@ -576,7 +575,7 @@ STEP_TEXT = {
     "env": lambda r: f"{r['device']}, torch {r['versions']['torch']}",
     "cuda_tests": lambda r: r["summary"],
     "train_60m": _60m_text,
-    "graphs": lambda r: _graphs_text(r),
+    "graphs": _graphs_text,
     "profile": _profile_text,
     "svd": _svd_text,
     "train_1b": lambda r: (
@@ -593,7 +592,7 @@ def summary(results: dict) -> str:
     for name, step in results["steps"].items():
         measured = step.get("result") or step.get("partial", {})
         try:
-            text = STEP_TEXT[name](step["result"]) if step.get("result") else None
+            text = STEP_TEXT[name](measured) if "result" in step else None
         except (KeyError, TypeError):  # a result without a number the cell expects: the table stays
             text = None
         if text is None:  # what a failed step measured before it failed, as it is
