@@ -201,6 +201,35 @@ def worker_resources(scale) -> dict[str, float]:
     return {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
 
 
+# Ray Train's record of the checkpoints a run reported (Train V2 keeps it in the run directory).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def set_aside_cut_ray_record(out: Path) -> None:
+    """Move Ray's checkpoint record aside when it is not whole JSON, saying so on stderr. Ray
+    rewrites it in place after every checkpoint, so a run killed at that moment (kill -9, the OOM
+    killer) leaves it empty or cut short, and Ray then refuses to start that run again. Resuming
+    needs only the run's own checkpoints (worker_loop reads the directory); the record serves
+    pruning to train.keep_checkpoints, which then covers only checkpoints written from here on."""
+    record = out / RAY_SNAPSHOT
+    try:
+        json.loads(record.read_bytes())
+        return
+    except FileNotFoundError:  # a new run
+        return
+    except ValueError:  # empty or cut short (JSONDecodeError; UnicodeDecodeError is one too)
+        pass
+    aside = record.with_name(record.name + ".unreadable")
+    record.replace(aside)
+    print(
+        f"Ray's checkpoint record {record} was cut short (the run was killed while writing it): "
+        f"moved to {aside.name}; resuming from the run's own checkpoints, and those already there "
+        "are no longer pruned to train.keep_checkpoints",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def make_trainer(cfg: Config, out: Path, callbacks: list = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -366,6 +395,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
             f"resuming {cfg.train.name} from step {checkpoint.step_of(resume_from)} ({resume_from})",
             file=sys.stderr,
         )
+        set_aside_cut_ray_record(out)
     print(f"{cfg.train.name}: Ray's own messages go to {out / results.RAY_LOG}", file=sys.stderr, flush=True)
     with console_to_log(out / results.RAY_LOG) as console:
         start_ray(cfg.scale.address)

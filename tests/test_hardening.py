@@ -16,6 +16,7 @@ import yaml
 from loqt_ray.checkpoint import STATE_FILE, latest, read
 from loqt_ray.cli import main
 from loqt_ray.config import ConfigError
+from loqt_ray.launch import RAY_SNAPSHOT, set_aside_cut_ray_record
 from loqt_ray.results import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -289,3 +290,22 @@ def test_an_input_a_worker_cannot_see_is_one_line_exit_2(tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("loqt-ray train: error: data.source:") and str(source) in last, err[-3000:]
     assert "rank 0's node does not see what the driver saw" in last and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", [b"", b'{"ray_version": "2.', b'{"checkpoint_results": []}', None])
+def test_ray_s_checkpoint_record_cut_short_by_a_kill_is_set_aside_in_one_line(tmp_path, capsys, content):
+    """Empty or cut-short JSON (a kill while Ray rewrote it) is moved aside, so Ray can start the run
+    again; a whole record, or none, is left as it is, silently."""
+    record, aside = tmp_path / RAY_SNAPSHOT, tmp_path / f"{RAY_SNAPSHOT}.unreadable"
+    if content is not None:
+        record.write_bytes(content)
+    set_aside_cut_ray_record(tmp_path)
+    err = capsys.readouterr().err
+    if content in (b"", b'{"ray_version": "2.'):
+        assert not record.exists() and aside.read_bytes() == content
+        assert len(err.splitlines()) == 1 and "was cut short" in err and "resuming from the run's own" in err
+    else:
+        assert err == "" and not aside.exists()
+        assert record.exists() == (content is not None) and (
+            content is None or record.read_bytes() == content
+        )
