@@ -205,26 +205,32 @@ def worker_resources(scale) -> dict[str, float]:
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def set_aside_cut_ray_record(out: Path) -> None:
-    """Move Ray's checkpoint record aside when it is not whole JSON, saying so on stderr. Ray
-    rewrites it in place after every checkpoint, so a run killed at that moment (kill -9, the OOM
-    killer) leaves it empty or cut short, and Ray then refuses to start that run again. Resuming
-    needs only the run's own checkpoints (worker_loop reads the directory); the record serves
-    pruning to train.keep_checkpoints, which then covers only checkpoints written from here on."""
+def set_aside_stale_ray_record(out: Path) -> None:
+    """Move Ray's checkpoint record aside, saying so on stderr, where Ray would refuse to start the
+    run again from it: when it is not whole JSON (Ray rewrites it in place after every checkpoint,
+    so a run killed at that moment, by kill -9 or the OOM killer, leaves it empty or cut short), or
+    when it names a checkpoint directory that is gone (deleted by hand, as resume_point advises for
+    a truncated one). Resuming needs only the run's own checkpoints (worker_loop reads the
+    directory); the record serves pruning to train.keep_checkpoints, which then covers only
+    checkpoints written from here on."""
     record = out / RAY_SNAPSHOT
     try:
-        json.loads(record.read_bytes())
-        return
+        saved = json.loads(record.read_bytes())
     except FileNotFoundError:  # a new run
         return
-    except ValueError:  # empty or cut short (JSONDecodeError; UnicodeDecodeError is one too)
-        pass
-    aside = record.with_name(record.name + ".unreadable")
+    except ValueError:  # JSONDecodeError; UnicodeDecodeError is one too
+        why = "was cut short (the run was killed while writing it)"
+    else:
+        reported = saved.get("checkpoint_results", []) if isinstance(saved, dict) else []
+        gone = sorted({r["checkpoint_dir_name"] for r in reported} - {p.name for p in out.iterdir()})
+        if not gone:
+            return
+        why = f"names {len(gone)} checkpoint(s) no longer in {out} ({', '.join(gone)})"
+    aside = record.with_name(record.name + ".stale")
     record.replace(aside)
     print(
-        f"Ray's checkpoint record {record} was cut short (the run was killed while writing it): "
-        f"moved to {aside.name}; resuming from the run's own checkpoints, and those already there "
-        "are no longer pruned to train.keep_checkpoints",
+        f"Ray's checkpoint record {record} {why}: moved to {aside.name}; resuming from the run's "
+        "own checkpoints, and those already there are no longer pruned to train.keep_checkpoints",
         file=sys.stderr,
         flush=True,
     )
@@ -395,12 +401,13 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
             f"resuming {cfg.train.name} from step {checkpoint.step_of(resume_from)} ({resume_from})",
             file=sys.stderr,
         )
-        set_aside_cut_ray_record(out)
+        set_aside_stale_ray_record(out)
     print(f"{cfg.train.name}: Ray's own messages go to {out / results.RAY_LOG}", file=sys.stderr, flush=True)
     with console_to_log(out / results.RAY_LOG) as console:
         start_ray(cfg.scale.address)
         check_resources(cfg.scale)
-        with RunProgress(out, cfg.train.steps, cfg.train.name, progress, console):
+        start = checkpoint.step_of(resume_from) if resume_from is not None else 0
+        with RunProgress(out, cfg.train.steps, cfg.train.name, progress, console, start):
             try:
                 make_trainer(cfg, out).fit()
             except Exception as exc:

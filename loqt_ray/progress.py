@@ -76,14 +76,16 @@ class Periodic:
 
 
 class RunProgress(Periodic):
-    """A tqdm bar over the run's steps, moved by a thread that tails metrics.jsonl (new bytes only).
-    After a failure Ray restarts the worker group from the last checkpoint: said in one line, seen
-    as a new group in workers.jsonl."""
+    """A tqdm bar over the run's steps, from `start` (the step a rerun resumes from), moved by a
+    thread that tails metrics.jsonl (new bytes only). After a failure Ray restarts the worker group
+    from the last checkpoint: said in one line, seen as a new group in workers.jsonl."""
 
     every_s = 0.5
     tick_at_exit = True  # the last steps' metrics land just before the run returns
 
-    def __init__(self, out: Path, total: int, name: str, enabled: bool, stream: TextIO | None = None):
+    def __init__(
+        self, out: Path, total: int, name: str, enabled: bool, stream: TextIO | None = None, start: int = 0
+    ):
         from tqdm import tqdm
 
         self.path = out / results.METRICS_FILE
@@ -91,7 +93,9 @@ class RunProgress(Periodic):
         previous = results.read_metrics(out)
         self.bar = tqdm(
             total=total,
-            initial=previous[-1]["step"] if previous else 0,
+            # not the log's last step: a rerun's rank 0 cuts the log back to the checkpoint, and a
+            # bar that started past it would go back and show a negative rate
+            initial=start,
             desc=name,
             unit="step",
             dynamic_ncols=True,

@@ -133,14 +133,14 @@ def run_trial(values: dict, base: dict, sweep_dict: dict, sweep_dir: str) -> Non
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .launch import make_trainer, set_aside_cut_ray_record, stopped_reason
+    from .launch import make_trainer, set_aside_stale_ray_record, stopped_reason
 
     sweep = from_dict(SweepConfig, sweep_dict)
     trial_dir = Path(sweep_dir) / Path(tune.get_context().get_trial_dir()).name
     cfg = trial_config(base, values, sweep, trial_dir)
     out = trial_dir / TRIAL_RUN
     results.write_config(out, cfg)
-    set_aside_cut_ray_record(out)  # a trial resumed after the sweep was killed
+    set_aside_stale_ray_record(out)  # a trial resumed after the sweep was killed
     try:
         make_trainer(cfg, out, callbacks=[TuneReportCallback()]).fit()
     except Exception as exc:

@@ -298,7 +298,7 @@ def test_a_driver_killed_alone_leaves_no_ray_behind_and_the_same_command_resumes
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert f"resuming killed from step {saved}" in rerun.stderr
         assert f"record {record} was cut short" in rerun.stderr
-        assert (run / f"{RAY_SNAPSHOT}.unreadable").read_bytes() == b""
+        assert (run / f"{RAY_SNAPSHOT}.stale").read_bytes() == b""
         json.loads(record.read_text())  # written whole again by the rerun
         assert [m["step"] for m in read_metrics(run)] == list(range(1, steps + 1))
         assert not [p for temp in temps for p in Path(temp).rglob("packed")]  # no second data cache

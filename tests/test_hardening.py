@@ -16,7 +16,7 @@ import yaml
 from loqt_ray.checkpoint import STATE_FILE, latest, read
 from loqt_ray.cli import main
 from loqt_ray.config import ConfigError
-from loqt_ray.launch import RAY_SNAPSHOT, set_aside_cut_ray_record
+from loqt_ray.launch import RAY_SNAPSHOT, set_aside_stale_ray_record
 from loqt_ray.results import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,20 +292,35 @@ def test_an_input_a_worker_cannot_see_is_one_line_exit_2(tmp_path):
     assert "rank 0's node does not see what the driver saw" in last and "Traceback" not in err
 
 
-@pytest.mark.parametrize("content", [b"", b'{"ray_version": "2.', b'{"checkpoint_results": []}', None])
-def test_ray_s_checkpoint_record_cut_short_by_a_kill_is_set_aside_in_one_line(tmp_path, capsys, content):
-    """Empty or cut-short JSON (a kill while Ray rewrote it) is moved aside, so Ray can start the run
-    again; a whole record, or none, is left as it is, silently."""
-    record, aside = tmp_path / RAY_SNAPSHOT, tmp_path / f"{RAY_SNAPSHOT}.unreadable"
-    if content is not None:
-        record.write_bytes(content)
-    set_aside_cut_ray_record(tmp_path)
+@pytest.mark.parametrize(
+    "record_text, stale",
+    [
+        ("", "was cut short"),
+        ('{"ray_version": "2.', "was cut short"),
+        ('{"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}]}', None),
+        (
+            '{"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_gone"}]}',
+            "names 1 checkpoint(s) no longer",
+        ),
+        (None, None),
+    ],
+    ids=["empty", "cut short", "whole", "names a deleted checkpoint", "none"],
+)
+def test_a_ray_checkpoint_record_ray_would_refuse_is_set_aside_in_one_line(
+    tmp_path, capsys, record_text, stale
+):
+    """Ray refuses to start a run again from a record that is empty or cut short (a kill while Ray
+    rewrote it) or that names a checkpoint deleted by hand; such a record is moved aside. A whole
+    one, or none, is left as it is, silently."""
+    record, aside = tmp_path / RAY_SNAPSHOT, tmp_path / f"{RAY_SNAPSHOT}.stale"
+    (tmp_path / "checkpoint_a").mkdir()
+    if record_text is not None:
+        record.write_text(record_text)
+    set_aside_stale_ray_record(tmp_path)
     err = capsys.readouterr().err
-    if content in (b"", b'{"ray_version": "2.'):
-        assert not record.exists() and aside.read_bytes() == content
-        assert len(err.splitlines()) == 1 and "was cut short" in err and "resuming from the run's own" in err
+    if stale:
+        assert not record.exists() and aside.read_text() == record_text
+        assert len(err.splitlines()) == 1 and stale in err and "resuming from the run's own" in err
     else:
         assert err == "" and not aside.exists()
-        assert record.exists() == (content is not None) and (
-            content is None or record.read_bytes() == content
-        )
+        assert (record.read_text() if record.exists() else None) == record_text

@@ -14,8 +14,8 @@ def _append(path, *steps):
 
 def test_run_bar_follows_metrics_through_a_restart_and_shows_the_last_step(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    _append(metrics, 1, 2)  # an earlier command's steps: the bar starts there
-    bar = progress.RunProgress(tmp_path, 10, "run", True, io.StringIO())
+    _append(metrics, 1, 2)  # an earlier command's steps, resumed from its checkpoint at 2
+    bar = progress.RunProgress(tmp_path, 10, "run", True, io.StringIO(), start=2)
     bar.every_s = 3600  # this test ticks by hand; the thread ticks only at exit
     with bar:
         assert bar.bar.n == 2
@@ -30,22 +30,24 @@ def test_run_bar_follows_metrics_through_a_restart_and_shows_the_last_step(tmp_p
     assert bar.bar.n == 5  # the tick at exit read what was written last
 
 
-def test_a_resume_that_cuts_the_log_moves_the_bar_back_to_the_checkpoint_not_through_step_1(tmp_path):
+def test_a_resume_that_cuts_the_log_starts_the_bar_at_the_checkpoint_not_past_it_or_at_step_1(tmp_path):
     """A run stopped at step 9 with its checkpoint at 8: the rerun's rank 0 cuts the log to step 8.
-    The bar went from 9 back to 1 and counted up through every kept step (seen in a cluster test's
-    log, with negative rates); it now moves to 8 and goes on from there."""
+    The bar once went from 9 back to 1 and counted up through every kept step, then (started at
+    the log's 9) back to 8 with a negative rate; both seen in a run's output. It starts at 8."""
     metrics = tmp_path / "metrics.jsonl"
     _append(metrics, *range(1, 10))
     shown = io.StringIO()
-    bar = progress.RunProgress(tmp_path, 40, "run", True, shown)
+    bar = progress.RunProgress(tmp_path, 40, "run", True, shown, start=8)
     bar.every_s = 3600
     with bar:
-        assert bar.bar.n == 9
+        assert bar.bar.n == 8
         metrics.write_text("")
         _append(metrics, *range(1, 9))  # what the resumed run's rank 0 kept
         before = len(shown.getvalue())
         bar.tick()
         assert bar.bar.n == 8
+        # as it reads 17 s in, before any step of this command's (tqdm's rate: steps since the start)
+        assert "-" not in bar.bar.format_meter(**{**bar.bar.format_dict, "elapsed": 17})
         _append(metrics, 9, 10)
         bar.tick()
         assert bar.bar.n == 10
