@@ -222,7 +222,8 @@ def set_aside_stale_ray_record(out: Path) -> None:
         why = "was cut short (the run was killed while writing it)"
     else:
         reported = saved.get("checkpoint_results", []) if isinstance(saved, dict) else []
-        gone = sorted({r["checkpoint_dir_name"] for r in reported} - {p.name for p in out.iterdir()})
+        named = {r.get("checkpoint_dir_name") for r in reported if isinstance(r, dict)} - {None}
+        gone = sorted(named - {p.name for p in out.iterdir()})
         if not gone:
             return
         why = f"names {len(gone)} checkpoint(s) no longer in {out} ({', '.join(gone)})"
