@@ -44,9 +44,17 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.train.output_dir).resolve() / cfg.train.name
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a process killed mid-write leaves the previous
+    file whole, never an empty or cut-short one (a rerun reads config.yaml and metrics.jsonl first)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_config(out: Path, cfg: Config) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _replace_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def start_run(out: Path, cfg: Config, tokenizer) -> None:
@@ -60,20 +68,25 @@ def read_config(out: Path) -> dict:
     return yaml.safe_load((out / CONFIG_FILE).read_text())
 
 
+def _metric_rows(text: str) -> list[dict]:
+    # the piece after the last newline is empty, or a line a kill or a full disk cut short: not a step
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
 def read_metrics(out: Path) -> list[dict]:
     path = Path(out) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _metric_rows(path.read_text()) if path.exists() else []
 
 
 def truncate_metrics(out: Path, step: int) -> None:
-    """Drop the rows after `step`: a run restarted from that step's checkpoint logs them again."""
+    """Drop the rows after `step` (a run restarted from that step's checkpoint logs them again) and
+    a last line cut short (the rows appended next would join it into one unreadable line)."""
     path = Path(out) / METRICS_FILE
-    rows = read_metrics(out)
+    text = path.read_text() if path.exists() else ""
+    rows = _metric_rows(text)
     kept = [row for row in rows if row["step"] <= step]
-    if len(kept) != len(rows):
-        path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    if len(kept) != len(rows) or (text and not text.endswith("\n")):
+        _replace_text(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def record_workers(out: Path, workers: list[dict]) -> None:

@@ -17,7 +17,7 @@ from loqt_ray.checkpoint import STATE_FILE, latest, read
 from loqt_ray.cli import main
 from loqt_ray.config import ConfigError
 from loqt_ray.launch import RAY_SNAPSHOT, set_aside_stale_ray_record
-from loqt_ray.results import read_metrics
+from loqt_ray.results import METRICS_FILE, read_metrics, truncate_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -324,3 +324,15 @@ def test_a_ray_checkpoint_record_ray_would_refuse_is_set_aside_in_one_line(
     else:
         assert err == "" and not aside.exists()
         assert (record.read_text() if record.exists() else None) == record_text
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_no_step_and_goes_at_the_resume(tmp_path):
+    """Rank 0 killed while appending a row (or a full disk) leaves half a line: readers skip it, and
+    the resumed run's rank 0 drops it before appending (else its first row would join it)."""
+    rows = [{"step": s, "train_loss": 5.0} for s in (1, 2, 3)]
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "tr')
+    assert read_metrics(tmp_path) == rows
+    truncate_metrics(tmp_path, 3)  # resumed from step 3: no whole row to drop, the half line goes
+    assert (tmp_path / METRICS_FILE).read_text() == "".join(json.dumps(r) + "\n" for r in rows)
+    truncate_metrics(tmp_path, 2)
+    assert read_metrics(tmp_path) == rows[:2] and [p.name for p in tmp_path.iterdir()] == [METRICS_FILE]
