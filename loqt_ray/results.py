@@ -68,14 +68,17 @@ def read_config(out: Path) -> dict:
     return yaml.safe_load((out / CONFIG_FILE).read_text())
 
 
-def _metric_rows(text: str) -> list[dict]:
-    # the piece after the last newline is empty, or a line a kill or a full disk cut short: not a step
+def _jsonl_rows(text: str) -> list[dict]:
+    # the piece after the last newline is empty, or a line a kill or a full disk cut short: not a row
     return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    return _jsonl_rows(path.read_text()) if path.exists() else []
+
+
 def read_metrics(out: Path) -> list[dict]:
-    path = Path(out) / METRICS_FILE
-    return _metric_rows(path.read_text()) if path.exists() else []
+    return _read_jsonl(Path(out) / METRICS_FILE)
 
 
 def truncate_metrics(out: Path, step: int) -> None:
@@ -83,7 +86,7 @@ def truncate_metrics(out: Path, step: int) -> None:
     a last line cut short (the rows appended next would join it into one unreadable line)."""
     path = Path(out) / METRICS_FILE
     text = path.read_text() if path.exists() else ""
-    rows = _metric_rows(text)
+    rows = _jsonl_rows(text)
     kept = [row for row in rows if row["step"] <= step]
     if len(kept) != len(rows) or (text and not text.endswith("\n")):
         _replace_text(path, "".join(json.dumps(row) + "\n" for row in kept))
@@ -97,8 +100,7 @@ def record_workers(out: Path, workers: list[dict]) -> None:
 
 
 def read_workers(out: Path) -> list[dict]:
-    path = Path(out) / WORKERS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return _read_jsonl(Path(out) / WORKERS_FILE)
 
 
 def _trial_id(trial_dir: Path) -> str:
