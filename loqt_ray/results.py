@@ -93,10 +93,11 @@ def truncate_metrics(out: Path, step: int) -> None:
 
 
 def record_workers(out: Path, workers: list[dict]) -> None:
-    """Where each rank runs, one line per rank, appended at each (re)start of the worker group."""
-    start = time.time()
-    with open(Path(out) / WORKERS_FILE, "a") as f:
-        f.writelines(json.dumps({**w, "time": start}) + "\n" for w in workers)
+    """Where each rank runs, one line per rank, added at each (re)start of the worker group (by
+    rank 0; the file rewritten whole, without a line a kill cut short)."""
+    start = time.time()  # one value for the whole group: readers tell the group's starts apart by it
+    rows = read_workers(out) + [{**w, "time": start} for w in workers]
+    _replace_text(Path(out) / WORKERS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read_workers(out: Path) -> list[dict]:

@@ -17,7 +17,14 @@ from loqt_ray.checkpoint import STATE_FILE, latest, read
 from loqt_ray.cli import main
 from loqt_ray.config import ConfigError
 from loqt_ray.launch import RAY_SNAPSHOT, set_aside_stale_ray_record
-from loqt_ray.results import METRICS_FILE, read_metrics, truncate_metrics
+from loqt_ray.results import (
+    METRICS_FILE,
+    WORKERS_FILE,
+    read_metrics,
+    read_workers,
+    record_workers,
+    truncate_metrics,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -336,3 +343,16 @@ def test_a_metrics_line_cut_short_by_a_kill_is_no_step_and_goes_at_the_resume(tm
     assert (tmp_path / METRICS_FILE).read_text() == "".join(json.dumps(r) + "\n" for r in rows)
     truncate_metrics(tmp_path, 2)
     assert read_metrics(tmp_path) == rows[:2] and [p.name for p in tmp_path.iterdir()] == [METRICS_FILE]
+
+
+def test_a_workers_line_cut_short_is_no_row_and_goes_at_the_next_start(tmp_path):
+    first = {"rank": 0, "node_id": "a", "host": "h", "pid": 1}
+    record_workers(tmp_path, [first])
+    with open(tmp_path / WORKERS_FILE, "a") as f:
+        f.write('{"rank": 0, "no')  # a start killed as it wrote
+    assert [w["node_id"] for w in read_workers(tmp_path)] == ["a"]
+    group = [{**first, "rank": r, "node_id": "b"} for r in range(100)]
+    record_workers(tmp_path, group)
+    rows = read_workers(tmp_path)
+    assert [w["node_id"] for w in rows] == ["a"] + ["b"] * 100
+    assert len({w["time"] for w in rows[1:]}) == 1  # one start time per group: readers group by it
