@@ -397,17 +397,14 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     # Data, tokenizer and packed sequences once, here: a bad source or tokenizer fails before any
     # cluster starts, and workers never race to build the same cache.
     results.start_run(out, cfg, prepare(cfg.data).tokenizer)
+    start = checkpoint.step_of(resume_from) if resume_from is not None else 0
     if resume_from is not None:
-        print(
-            f"resuming {cfg.train.name} from step {checkpoint.step_of(resume_from)} ({resume_from})",
-            file=sys.stderr,
-        )
+        print(f"resuming {cfg.train.name} from step {start} ({resume_from})", file=sys.stderr)
         set_aside_stale_ray_record(out)
     print(f"{cfg.train.name}: Ray's own messages go to {out / results.RAY_LOG}", file=sys.stderr, flush=True)
     with console_to_log(out / results.RAY_LOG) as console:
         start_ray(cfg.scale.address)
         check_resources(cfg.scale)
-        start = checkpoint.step_of(resume_from) if resume_from is not None else 0
         with RunProgress(out, cfg.train.steps, cfg.train.name, progress, console, start):
             try:
                 make_trainer(cfg, out).fit()
