@@ -168,13 +168,27 @@ def start_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    # A local cluster keeps its dashboard on 127.0.0.1: Ray Train's placement-group cleaner
-    # asks the dashboard's state API whether a stopped trial's controller is gone, and without
-    # it every trial ASHA stops leaks its workers' CPUs. `address` (or the RAY_ADDRESS that
-    # `ray job submit` sets for its jobs) joins an existing cluster.
+    # `address` (or the RAY_ADDRESS that `ray job submit` sets for its jobs) joins an existing
+    # cluster; without one a new local cluster starts, even where a `ray start` one runs here.
     address = address or os.environ.get("RAY_ADDRESS")
-    local = {"_node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1"}
-    ray.init(address=address, log_to_driver=False, **({} if address else local))
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    from .distributed import free_port
+
+    # A local cluster has its dashboard, on 127.0.0.1: Ray Train's placement-group cleaner asks the
+    # dashboard's state API whether a stopped trial's controller is gone, and without it every
+    # trial ASHA stops leaks its workers' CPUs. The state API is not told which cluster to ask: it
+    # looks for Ray on this machine and fails if it finds two, so with any other Ray here (a second
+    # run, a `ray start` cluster) the leaks came back and the sweep stalled. So the dashboard's
+    # address, chosen here, is set in the environment of this process and of every Ray process it
+    # starts, where the state API looks first.
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(
+        address="local", log_to_driver=False, _node_ip_address="127.0.0.1", include_dashboard=True,
+        dashboard_host="127.0.0.1", dashboard_port=port,
+    )  # fmt: skip
 
 
 def check_resources(scale, extra_cpu: float = 0.0) -> None:

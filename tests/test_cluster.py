@@ -327,6 +327,52 @@ def _unchanged_for(path: Path, seconds: float):
     return check
 
 
+# Run as `python -c` by the test below: a local Ray as `loqt-ray train` starts it, an actor in it,
+# then the live actors the state API finds from inside a Ray process and from this driver.
+LOCAL_STATE_PROBE = """
+import json
+
+import ray
+from ray.util import state
+from loqt_ray.launch import start_ray
+
+start_ray(None)
+ids = lambda: sorted(a.actor_id for a in state.list_actors(filters=[("state", "=", "ALIVE")], timeout=30))
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def ids(self):
+        return ids()
+
+probe = Probe.remote()
+from_actor = ray.get(probe.ids.remote())  # it is alive from here on
+print(json.dumps(dict(gcs=ray.get_runtime_context().gcs_address, actor=probe._actor_id.hex(),
+                      from_driver=ids(), from_actor=from_actor)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_local_ray_beside_another_asks_its_own_state_api(cluster):
+    """With another Ray on this machine (the two-node cluster), a local Ray as `loqt-ray train` and
+    `sweep` start it answers the state API about itself, in its driver and in its own processes
+    (Ray Train's placement-group cleaner asks from there). Without being told, the state API sees
+    two Rays and refuses, and a sweep's stopped trials then keep their CPUs until it stalls."""
+    temp = tempfile.mkdtemp(prefix="lrs", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": temp, MARK: temp}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        done = subprocess.run([sys.executable, "-c", LOCAL_STATE_PROBE], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        seen = json.loads(done.stdout.strip().splitlines()[-1])
+        assert seen["gcs"].rsplit(":", 1)[1] != str(cluster.port)  # a Ray of its own, not the cluster
+        assert seen["actor"] in seen["from_driver"] and seen["actor"] in seen["from_actor"]
+    finally:
+        kill_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_lost_node_stops_a_run_in_one_line_and_a_rerun_allowed_a_restart_survives_the_next(
