@@ -11,6 +11,7 @@ progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -164,31 +165,54 @@ def worker_loop(config: dict) -> None:
 
 
 def start_ray(address: str | None) -> None:
+    """Join the Ray cluster at `address` (or at the RAY_ADDRESS that `ray job submit` sets for its
+    jobs), else start a new local one, even where a `ray start` cluster runs on this machine."""
     import ray
 
     if ray.is_initialized():
         return
-    # `address` (or the RAY_ADDRESS that `ray job submit` sets for its jobs) joins an existing
-    # cluster; without one a new local cluster starts, even where a `ray start` one runs here.
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
-        return
+    else:
+        start_local_ray()
+
+
+def start_local_ray(**resources) -> None:
+    """A new Ray on this machine (`resources`: ray.init's num_cpus, num_gpus; Ray's count if none).
+
+    Its dashboard is on 127.0.0.1: Ray Train's placement-group cleaner asks the dashboard's state
+    API whether a stopped trial's controller is gone, and without it every trial ASHA stops leaks
+    its workers' CPUs. The state API is not told which cluster to ask: it looks for Ray on this
+    machine and refuses if it finds two, so beside any other Ray here (a second run, a `ray start`
+    cluster) the leaks came back and a sweep stalled. So the dashboard's address, chosen here, is
+    in the environment that the Ray processes started here inherit, where the state API looks
+    first (sweep._LeakedGroups, in this process, names its cluster itself)."""
+    import ray
+
     from .distributed import free_port
 
-    # A local cluster has its dashboard, on 127.0.0.1: Ray Train's placement-group cleaner asks the
-    # dashboard's state API whether a stopped trial's controller is gone, and without it every
-    # trial ASHA stops leaks its workers' CPUs. The state API is not told which cluster to ask: it
-    # looks for Ray on this machine and fails if it finds two, so with any other Ray here (a second
-    # run, a `ray start` cluster) the leaks came back and the sweep stalled. So the dashboard's
-    # address, chosen here, is set in the environment of this process and of every Ray process it
-    # starts, where the state API looks first.
     port = free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(
-        address="local", log_to_driver=False, _node_ip_address="127.0.0.1", include_dashboard=True,
-        dashboard_host="127.0.0.1", dashboard_port=port,
-    )  # fmt: skip
+    with _environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
+        ray.init(
+            address="local", log_to_driver=False, _node_ip_address="127.0.0.1", include_dashboard=True,
+            dashboard_host="127.0.0.1", dashboard_port=port, **resources,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """os.environ with `values` set while the block runs, as it was afterwards."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def check_resources(scale, extra_cpu: float = 0.0) -> None:

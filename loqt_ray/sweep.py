@@ -345,17 +345,16 @@ class _LeakedGroups(Periodic):
         self.suspects: set[str] = set()
 
     def tick(self) -> None:
+        import ray
         from ray._raylet import PlacementGroupID
         from ray.util import remove_placement_group, state
         from ray.util.placement_group import PlacementGroup
 
+        # The state API is told which cluster: on its own it refuses where two Rays run here
+        ask = dict(address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000, timeout=10)
         try:
-            groups = state.list_placement_groups(
-                filters=[("state", "=", "CREATED")], detail=True, limit=10_000, timeout=10
-            )
-            actors = state.list_actors(
-                filters=[("state", "!=", "DEAD")], detail=True, limit=10_000, timeout=10
-            )
+            groups = state.list_placement_groups(filters=[("state", "=", "CREATED")], **ask)
+            actors = state.list_actors(filters=[("state", "!=", "DEAD")], **ask)
         except Exception as exc:  # the state API can time out on a loaded machine: next time
             print(f"leaked placement groups: not checked ({exc.__class__.__name__})", file=sys.stderr)
             return

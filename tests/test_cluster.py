@@ -327,37 +327,45 @@ def _unchanged_for(path: Path, seconds: float):
     return check
 
 
-# Run as `python -c` by the test below: a local Ray as `loqt-ray train` starts it, an actor in it,
-# then the live actors the state API finds from inside a Ray process and from this driver.
+# Run as `python -c` by the test below: a local Ray as `loqt-ray train` and `sweep` start it; the
+# live actors that the state API, asked as Ray Train's cleaner asks it, finds from an actor; and
+# what a sweep's leak check does with a group shaped like a trial's workers that no actor uses.
 LOCAL_STATE_PROBE = """
 import json
 
 import ray
-from ray.util import state
-from loqt_ray.launch import start_ray
+from ray.util import placement_group, placement_group_table, state
+from loqt_ray.config import load_config
+from loqt_ray.launch import start_ray, worker_resources
+from loqt_ray.sweep import _LeakedGroups
 
 start_ray(None)
-ids = lambda: sorted(a.actor_id for a in state.list_actors(filters=[("state", "=", "ALIVE")], timeout=30))
 
 @ray.remote(num_cpus=0)
 class Probe:
-    def ids(self):
-        return ids()
+    def listed(self):
+        return [a.actor_id for a in state.list_actors(filters=[("state", "=", "ALIVE")], timeout=30)]
 
 probe = Probe.remote()
-from_actor = ray.get(probe.ids.remote())  # it is alive from here on
+scale = load_config(None, []).scale
+group = placement_group([worker_resources(scale)] * scale.num_workers)
+ray.get(group.ready())
+leaks = _LeakedGroups(scale)
+for _ in range(2):  # an idle group goes on the second check that sees it
+    leaks.tick()
 print(json.dumps(dict(gcs=ray.get_runtime_context().gcs_address, actor=probe._actor_id.hex(),
-                      from_driver=ids(), from_actor=from_actor)))
+                      listed=ray.get(probe.listed.remote()), group=placement_group_table(group)["state"])))
 """
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_local_ray_beside_another_asks_its_own_state_api(cluster):
+def test_a_local_ray_beside_another_asks_the_state_api_about_itself(cluster):
     """With another Ray on this machine (the two-node cluster), a local Ray as `loqt-ray train` and
-    `sweep` start it answers the state API about itself, in its driver and in its own processes
-    (Ray Train's placement-group cleaner asks from there). Without being told, the state API sees
-    two Rays and refuses, and a sweep's stopped trials then keep their CPUs until it stalls."""
+    `sweep` start it: the state API answers about it from its own processes (where Ray Train's
+    placement-group cleaner asks), and a sweep's leak check frees an idle group. Not told which
+    Ray to ask, the state API refuses where it sees two, and a sweep's stopped trials then kept
+    their CPUs until it stalled."""
     temp = tempfile.mkdtemp(prefix="lrs", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": temp, MARK: temp}
     env.pop("RAY_ADDRESS", None)
@@ -367,7 +375,9 @@ def test_a_local_ray_beside_another_asks_its_own_state_api(cluster):
         assert done.returncode == 0, done.stderr[-3000:]
         seen = json.loads(done.stdout.strip().splitlines()[-1])
         assert seen["gcs"].rsplit(":", 1)[1] != str(cluster.port)  # a Ray of its own, not the cluster
-        assert seen["actor"] in seen["from_driver"] and seen["actor"] in seen["from_actor"]
+        assert seen["actor"] in seen["listed"]
+        assert "not checked" not in done.stderr and "removed placement group" in done.stderr
+        assert seen["group"] == "REMOVED"
     finally:
         kill_under(temp)
         shutil.rmtree(temp, ignore_errors=True)

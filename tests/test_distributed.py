@@ -14,7 +14,7 @@ from conftest import nano_config
 
 from loqt_ray.checkpoint import latest, read
 from loqt_ray.config import ConfigError
-from loqt_ray.launch import run_training
+from loqt_ray.launch import run_training, start_local_ray
 from loqt_ray.results import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # generous: 2-core CI runners are slow
@@ -22,13 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # generous: 2-core CI
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 

@@ -71,6 +71,8 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
     (Optuna's TPE, used when a space has no grid, runs in test_cluster's sweep job.)"""
     import ray
 
+    from loqt_ray.launch import start_local_ray
+
     # A grid of a useful and a useless lr, twice: at least one useless trial must be stopped at the
     # first rung, since it cannot beat a useful one that already reported there.
     space = write(
@@ -96,8 +98,7 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
     # the workers say so and train on the CPU), so two run at a time.
     spec["trial"]["scale"].update(cpus_per_worker=0.5, use_gpu=True, gpus_per_worker=0.5)
     path = write(tmp_path, "sweep.yaml", spec)
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=False)  # fmt: skip
+    start_local_ray(num_cpus=2, num_gpus=1)
     try:
         assert main(["sweep", str(path)]) == 0
         sweep_dir = tmp_path / "sweeps" / "t"
