@@ -34,12 +34,16 @@ def _dequantize_in_torch(
 
 
 @functools.cache
-def _cpu_kernel_is_exact(block_size: int, shape: tuple) -> bool:
-    """Whether bitsandbytes' native CPU dequantize agrees with the plain one for this block size
-    and shape. Its AVX512 kernel is known to be wrong in places (bitsandbytes itself falls back
-    at block sizes of 2048 and above; on some AVX512 CPUs blocks of 512 and 1024 over rows of 256
-    come out with 0.31 relative error instead of 0.10), so it is checked once per process and
-    shape rather than trusted."""
+def _use_cpu_kernel(block_size: int, shape: tuple) -> bool:
+    """Whether to dequantize through bitsandbytes' native CPU kernel for this block size and shape,
+    rather than the plain ops. Its AVX512 kernel is known to be wrong in places (on some AVX512
+    CPUs blocks of 512 and 1024 over rows of 256 come out with 0.31 relative error instead of
+    0.10), so it is checked against the plain one once per process and shape rather than trusted.
+    From 2048 on the plain ops are used unchecked: bitsandbytes itself falls back there on AVX512,
+    to a torch.compile'd function of the same arithmetic whose first call in a process took 3 s
+    here (14-30 s within the test suite)."""
+    if block_size >= 2048:
+        return False
     probe = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     packed, state = bnbf.quantize_4bit(
         probe, blocksize=block_size, quant_type="nf4", compress_statistics=False
@@ -96,7 +100,7 @@ class NF4Tensor(nn.Module):
         wrapper builds two QuantStates and validates them on every call, host time that a GPU step,
         which dequantizes every wrapped layer twice, waits on."""
         absmax = self.absmax_values()
-        if self.packed.device.type == "cpu" and not _cpu_kernel_is_exact(self.block_size, self.shape):
+        if self.packed.device.type == "cpu" and not _use_cpu_kernel(self.block_size, self.shape):
             return _dequantize_in_torch(self.packed, absmax, self.code, self.shape, self.block_size, dtype)
         return torch.ops.bitsandbytes.dequantize_4bit(
             self.packed, absmax, self.block_size, "nf4", list(self.shape), dtype
