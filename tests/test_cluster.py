@@ -344,17 +344,18 @@ start_ray(None)
 @ray.remote(num_cpus=0)
 class Probe:
     def listed(self):
-        return [a.actor_id for a in state.list_actors(filters=[("state", "=", "ALIVE")], timeout=30)]
+        alive = state.list_actors(filters=[("state", "=", "ALIVE")], timeout=30)
+        return ray.get_runtime_context().get_actor_id(), [a.actor_id for a in alive]
 
-probe = Probe.remote()
+actor, listed = ray.get(Probe.remote().listed.remote())
 scale = load_config(None, []).scale
 group = placement_group([worker_resources(scale)] * scale.num_workers)
 ray.get(group.ready())
 leaks = _LeakedGroups(scale)
 for _ in range(2):  # an idle group goes on the second check that sees it
     leaks.tick()
-print(json.dumps(dict(gcs=ray.get_runtime_context().gcs_address, actor=probe._actor_id.hex(),
-                      listed=ray.get(probe.listed.remote()), group=placement_group_table(group)["state"])))
+print(json.dumps(dict(gcs=ray.get_runtime_context().gcs_address, actor=actor, listed=listed,
+                      group=placement_group_table(group)["state"])))
 """
 
 
