@@ -187,7 +187,8 @@ def start_local_ray(**resources) -> None:
     machine and refuses if it finds two, so beside any other Ray here (a second run, a `ray start`
     cluster) the leaks came back and a sweep stalled. So the dashboard's address, chosen here, is
     in the environment that the Ray processes started here inherit, where the state API looks
-    first (sweep._LeakedGroups, in this process, names its cluster itself)."""
+    first (sweep._LeakedGroups, in this process, names its cluster itself). No node address is
+    given: Ray 2.60 turns 127.0.0.1 into this machine's address anyway (README: What binds where)."""
     import ray
 
     from .distributed import free_port
@@ -195,8 +196,8 @@ def start_local_ray(**resources) -> None:
     port = free_port()
     with _environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
         ray.init(
-            address="local", log_to_driver=False, _node_ip_address="127.0.0.1", include_dashboard=True,
-            dashboard_host="127.0.0.1", dashboard_port=port, **resources,
+            address="local", log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1",
+            dashboard_port=port, **resources,
         )  # fmt: skip
 
 
