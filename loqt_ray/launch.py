@@ -266,7 +266,7 @@ def set_aside_stale_ray_record(out: Path) -> None:
         if not gone:
             return
         why = f"names {len(gone)} checkpoint(s) no longer in {out} ({', '.join(gone)})"
-    aside = record.with_name(record.name + ".stale")
+    aside = _unused_name(record.with_name(record.name + ".stale"))
     record.replace(aside)
     print(
         f"Ray's checkpoint record {record} {why}: moved to {aside.name}; resuming from the run's "
@@ -274,6 +274,15 @@ def set_aside_stale_ray_record(out: Path) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def _unused_name(path: Path) -> Path:
+    """`path`, or `path`.2, .3, ... whichever is free: a record set aside at an earlier resume stays."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def make_trainer(cfg: Config, out: Path, callbacks: list = ()):

@@ -333,6 +333,16 @@ def test_a_ray_checkpoint_record_ray_would_refuse_is_set_aside_in_one_line(
         assert (record.read_text() if record.exists() else None) == record_text
 
 
+def test_a_record_set_aside_at_an_earlier_resume_is_kept(tmp_path, capsys):
+    """Each resume that finds a broken record moves it to a name of its own: none is overwritten."""
+    for text in ("", '{"ray_version": "2.'):
+        (tmp_path / RAY_SNAPSHOT).write_text(text)
+        set_aside_stale_ray_record(tmp_path)
+    assert (tmp_path / f"{RAY_SNAPSHOT}.stale").read_text() == ""
+    assert (tmp_path / f"{RAY_SNAPSHOT}.stale.2").read_text() == '{"ray_version": "2.'
+    assert f"moved to {RAY_SNAPSHOT}.stale.2;" in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_a_metrics_line_cut_short_by_a_kill_is_no_step_and_goes_at_the_resume(tmp_path):
     """Rank 0 killed while appending a row (or a full disk) leaves half a line: readers skip it, and
     the resumed run's rank 0 drops it before appending (else its first row would join it)."""
