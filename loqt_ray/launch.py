@@ -112,6 +112,31 @@ def engine_for(cfg: Config):
     return DeepSpeedEngine
 
 
+# A checkpoint goes to Ray from a folder of its own in the worker's temp dir, named after the worker's
+# process: a worker killed before Ray took it (a lost node's peers, a restart, kill -9) leaves it.
+STAGING_PREFIX = "loqt-ckpt-"
+
+
+def remove_orphaned_staging(root: str | Path | None = None) -> None:
+    """Delete the checkpoint folders in this node's temp dir (`root`) whose worker process is gone:
+    each is a whole checkpoint (a 7B LoQT one is several GB), one per kill that landed between
+    writing it and Ray copying it into the run directory."""
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = folder.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def worker_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -126,6 +151,7 @@ def worker_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    remove_orphaned_staging()
     _record_placement(Path(config["run_dir"]), rank, ctx.get_world_size())
     trainer = Trainer(cfg, rank, ctx.get_world_size(), engine_for(cfg))
     state = _resume_state(Path(config["run_dir"]), rank, ctx.get_world_size())
@@ -136,7 +162,7 @@ def worker_loop(config: dict) -> None:
     pending: list[str] = []  # a checkpoint written by save(), handed to Ray with its step's report
 
     def save(state: dict) -> None:
-        tmp = tempfile.mkdtemp(prefix="loqt-ckpt-")
+        tmp = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
         if rank == 0:
             checkpoint.write(Path(tmp), state)
         pending.append(tmp)
