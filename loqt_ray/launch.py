@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -86,8 +87,6 @@ def _resume_state(run_dir: Path, rank: int, world_size: int) -> dict | None:
 def _record_placement(out: Path, rank: int, world_size: int) -> None:
     """Rank 0 appends where every rank runs (node, host, pid) to the run's workers.jsonl, gathered
     over the process group."""
-    import socket
-
     import ray
     import torch.distributed
 
@@ -113,16 +112,27 @@ def engine_for(cfg: Config):
 
 
 # A checkpoint goes to Ray from a folder of its own in the worker's temp dir, named after the worker's
-# process: a worker killed before Ray took it (a lost node's peers, a restart, kill -9) leaves it.
+# host and process: a worker killed before Ray took it (a lost node's peers, a restart, kill -9)
+# leaves it. The host is in the name because containers can share a temp dir but not their PIDs.
 STAGING_PREFIX = "loqt-ckpt-"
 
 
+def _host_staging_prefix() -> str:
+    return f"{STAGING_PREFIX}{socket.gethostname()}-"
+
+
+def staging_prefix() -> str:
+    """The start of the names of this process's checkpoint folders."""
+    return f"{_host_staging_prefix()}{os.getpid()}-"
+
+
 def remove_orphaned_staging(root: str | Path | None = None) -> None:
-    """Delete the checkpoint folders in this node's temp dir (`root`) whose worker process is gone:
+    """Delete the checkpoint folders in this host's temp dir (`root`) whose worker process is gone:
     each is a whole checkpoint (a 7B LoQT one is several GB), one per kill that landed between
     writing it and Ray copying it into the run directory."""
-    for folder in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
-        pid = folder.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+    host = _host_staging_prefix()
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{host}*-*"):
+        pid = folder.name.removeprefix(host).split("-", 1)[0]
         if pid.isdigit() and not _process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -162,7 +172,7 @@ def worker_loop(config: dict) -> None:
     pending: list[str] = []  # a checkpoint written by save(), handed to Ray with its step's report
 
     def save(state: dict) -> None:
-        tmp = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+        tmp = tempfile.mkdtemp(prefix=staging_prefix())
         if rank == 0:
             checkpoint.write(Path(tmp), state)
         pending.append(tmp)

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,13 @@ import yaml
 from loqt_ray.checkpoint import STATE_FILE, latest, read
 from loqt_ray.cli import main
 from loqt_ray.config import ConfigError
-from loqt_ray.launch import RAY_SNAPSHOT, STAGING_PREFIX, remove_orphaned_staging, set_aside_stale_ray_record
+from loqt_ray.launch import (
+    RAY_SNAPSHOT,
+    STAGING_PREFIX,
+    remove_orphaned_staging,
+    set_aside_stale_ray_record,
+    staging_prefix,
+)
 from loqt_ray.results import (
     METRICS_FILE,
     WORKERS_FILE,
@@ -345,15 +352,18 @@ def test_a_record_set_aside_at_an_earlier_resume_is_kept(tmp_path, capsys):
 
 def test_checkpoint_folders_of_killed_workers_go_at_the_next_start_and_live_ones_stay(tmp_path):
     """A worker killed between writing a checkpoint and Ray copying it leaves the checkpoint in its
-    node's temp dir; the next worker to start there removes it, and only what a gone process left."""
+    temp dir; the next worker to start on that host removes it, and only what a gone process of this
+    host left (a container sharing the temp dir has PIDs of its own)."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid no longer names a process
-    for pid in (gone.pid, os.getpid()):
-        (tmp_path / f"{STAGING_PREFIX}{pid}-abc").mkdir()
-        (tmp_path / f"{STAGING_PREFIX}{pid}-abc" / STATE_FILE).write_bytes(b"state")
-    (tmp_path / "loqt-other").mkdir()
+    host = f"{STAGING_PREFIX}{socket.gethostname()}"
+    names = [f"{host}-{gone.pid}-abc", f"{staging_prefix()}abc", f"{STAGING_PREFIX}elsewhere-{gone.pid}-abc",
+             "loqt-other"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE_FILE).write_bytes(b"state")
     remove_orphaned_staging(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"loqt-other", f"{STAGING_PREFIX}{os.getpid()}-abc"}
+    assert {p.name for p in tmp_path.iterdir()} == set(names[1:])
 
 
 def test_a_metrics_line_cut_short_by_a_kill_is_no_step_and_goes_at_the_resume(tmp_path):
