@@ -4,7 +4,10 @@ import hashlib
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -184,11 +187,17 @@ def test_a_killed_worker_and_a_rerun_on_one_worker_resume_from_checkpoints_and_r
     run = tmp_path / "resumed"
     extra = ("train.checkpoint_every=6", "scale.max_failures=2")
 
+    # A checkpoint folder an earlier worker on this host left when it was killed before Ray took it.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = Path(tempfile.mkdtemp(prefix=f"{launch.STAGING_PREFIX}{socket.gethostname()}-{gone.pid}-"))
+
     # 12 of 24 steps; rank 1 dies after step 9, Ray restarts both workers from the step-6 checkpoint.
     run.mkdir()
     (run / "kill_after").write_text("9")
     first = two_worker_config(data_dir, tmp_path, "resumed", STEPS, *extra, "train.stop_at_step=12")
     assert run_training(first, progress=False)["step"] == 12
+    assert not orphan.exists()  # the first worker to start here deleted it
     assert (run / "killed").exists() and (run / "resumed_from").read_text().split() == ["6"]
     assert [row["step"] for row in read_metrics(run)] == list(range(1, 13))  # steps 7-9 once
     assert read(latest(run) / "state.pt")["step"] == 12
