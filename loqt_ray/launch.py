@@ -132,8 +132,9 @@ def remove_orphaned_staging(root: str | Path | None = None) -> None:
     writing it and Ray copying it into the run directory."""
     host = _host_staging_prefix()
     for folder in Path(root or tempfile.gettempdir()).glob(f"{host}*-*"):
-        pid = folder.name.removeprefix(host).split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        # exactly PID-random (mkdtemp's part has no '-'): host "node" must not claim "node-12"'s
+        parts = folder.name.removeprefix(host).split("-")
+        if len(parts) == 2 and parts[0].isdigit() and not _process_alive(int(parts[0])):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -357,8 +357,13 @@ def test_checkpoint_folders_of_killed_workers_go_at_the_next_start_and_live_ones
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid no longer names a process
     host = f"{STAGING_PREFIX}{socket.gethostname()}"
-    names = [f"{host}-{gone.pid}-abc", f"{staging_prefix()}abc", f"{STAGING_PREFIX}elsewhere-{gone.pid}-abc",
-             "loqt-other"]  # fmt: skip
+    names = [
+        f"{host}-{gone.pid}-abc",
+        f"{staging_prefix()}abc",
+        f"{STAGING_PREFIX}elsewhere-{gone.pid}-abc",
+        f"{host}-12-{gone.pid}-abc",  # a host named like this one plus "-12"
+        "loqt-other",
+    ]
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / STATE_FILE).write_bytes(b"state")
