@@ -121,9 +121,9 @@ def _host_staging_prefix() -> str:
     return f"{STAGING_PREFIX}{socket.gethostname()}-"
 
 
-def staging_prefix() -> str:
-    """The start of the names of this process's checkpoint folders."""
-    return f"{_host_staging_prefix()}{os.getpid()}-"
+def staging_prefix(pid: int | None = None) -> str:
+    """The start of the names of the checkpoint folders of process `pid` (this one) on this host."""
+    return f"{_host_staging_prefix()}{os.getpid() if pid is None else pid}-"
 
 
 def remove_orphaned_staging(root: str | Path | None = None) -> None:

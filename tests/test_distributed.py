@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -190,7 +189,7 @@ def test_a_killed_worker_and_a_rerun_on_one_worker_resume_from_checkpoints_and_r
     # A checkpoint folder an earlier worker on this host left when it was killed before Ray took it.
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    orphan = Path(tempfile.mkdtemp(prefix=f"{launch.STAGING_PREFIX}{socket.gethostname()}-{gone.pid}-"))
+    orphan = Path(tempfile.mkdtemp(prefix=launch.staging_prefix(gone.pid)))
 
     # 12 of 24 steps; rank 1 dies after step 9, Ray restarts both workers from the step-6 checkpoint.
     run.mkdir()

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -356,12 +355,11 @@ def test_checkpoint_folders_of_killed_workers_go_at_the_next_start_and_live_ones
     host left (a container sharing the temp dir has PIDs of its own)."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid no longer names a process
-    host = f"{STAGING_PREFIX}{socket.gethostname()}"
     names = [
-        f"{host}-{gone.pid}-abc",
+        f"{staging_prefix(gone.pid)}abc",
         f"{staging_prefix()}abc",
         f"{STAGING_PREFIX}elsewhere-{gone.pid}-abc",
-        f"{host}-12-{gone.pid}-abc",  # a host named like this one plus "-12"
+        f"{staging_prefix(12)}{gone.pid}-abc",  # a host named like this one plus "-12"
         "loqt-other",
     ]
     for name in names:
