@@ -3,7 +3,7 @@
 Each step runs in its own process with its own timeout, so a crash, an out-of-memory or a hang
 in one keeps what the others measured; the results file is rewritten after every step. Under
 --out: gpu_check.json (every step: status, seconds, measurements), gpu_check.log (every
-step's output), profile.txt (where one LoQT step's time goes). --cpu runs the same steps on
+step's output), profile.txt (where a full-rank and a LoQT step's time goes). --cpu runs the same steps on
 the CPU at tiny sizes (the suite runs it, so the script cannot rot between GPU runs).
 
     bench/gpu_check.sh [--cpu]          (the wrapper installs carried wheels first)
@@ -233,13 +233,14 @@ def step_profile(check: Check) -> dict:
     """One full-rank and one LoQT step (not merge steps) of train_60m's run, each timed alone and
     under torch.profiler: host time against device time says whether a step waits for the GPU
     or for Python and kernel launches. And where a LoQT step makes the host wait for the GPU
-    (torch's sync debug mode), by source line. LoQT's top operators go to profile.txt."""
+    (torch's sync debug mode), by source line. Both steps' top operators go to profile.txt, by
+    host time (where a host-bound step's time goes) and, on a GPU, by device time too."""
     import torch
 
     from loqt_ray.launch import engine_for
     from loqt_ray.trainer import Trainer
 
-    results = {}
+    results, tables = {}, []
     for method in ("full", "loqt"):
         cfg = check.config_60m(method, "loqt.update_interval=100", "train.steps=100")
         trainer = Trainer(cfg, make_engine=engine_for(cfg))
@@ -251,13 +252,13 @@ def step_profile(check: Check) -> dict:
         if cuda:
             torch.cuda.synchronize()
         row = {"step_ms": 1000 * (time.perf_counter() - start), **_profiled_step(trainer, cuda)}
+        title = f"{cfg.model.size} {method}, micro-batch {cfg.train.micro_batch_size}, one step"
+        tables.append(f"{title}\n{row.pop('table')}\n")
         if method == "loqt":
-            title = f"{cfg.model.size} LoQT, micro-batch {cfg.train.micro_batch_size}, one step"
-            (check.out / "profile.txt").write_text(f"{title}\n{row.pop('table')}\n")
             row["host_syncs"] = _host_syncs(trainer) if cuda else {}
-        row.pop("table", None)
         results[method] = row
         print(method, row, flush=True)
+    (check.out / "profile.txt").write_text("\n".join(tables))
     return results
 
 
@@ -271,11 +272,11 @@ def _profiled_step(trainer, cuda: bool) -> dict:
         if cuda:
             torch.cuda.synchronize()
     events = prof.key_averages()
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    keys = ["self_cpu_time_total"] + (["self_device_time_total"] if cuda else [])
     return {
         "profiled_host_ms": sum(e.self_cpu_time_total for e in events) / 1000,
         "profiled_device_ms": sum(e.self_device_time_total for e in events) / 1000 if cuda else None,
-        "table": f"sorted by {key}\n" + events.table(sort_by=key, row_limit=25),
+        "table": "\n".join(f"sorted by {key}\n" + events.table(sort_by=key, row_limit=25) for key in keys),
     }
 
 

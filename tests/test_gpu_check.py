@@ -52,7 +52,9 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert svd["svd"]["subspace_kept"] == pytest.approx(1, abs=1e-4)  # against itself
     assert svd["trainer"]["subspace_kept"] == pytest.approx(1, abs=1e-4)  # the CPU's is the default driver
     assert 0 < svd["svd_lowrank"]["subspace_kept"] <= 1 + 1e-4 and svd["gram_eigh"]["seconds"] > 0
-    assert "aten::mm" in (out / "profile.txt").read_text()
+    tables = (out / "profile.txt").read_text()
+    assert "aten::mm" in tables and "sorted by self_cpu_time_total" in tables  # host time: on the CPU, all
+    assert "nano full, micro-batch" in tables and "nano loqt, micro-batch" in tables
     profile = steps["profile"]["result"]
     assert profile["loqt"]["step_ms"] > 0 and profile["full"]["profiled_host_ms"] > 0
     graphs = steps["graphs"]["result"]
