@@ -1,6 +1,7 @@
 """The CUDA path against the CPU one. Skipped without a GPU; bench/gpu_check.sh runs them there."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -100,6 +101,29 @@ def test_a_checkpoint_saved_on_the_gpu_loads_on_the_cpu(data_dir, tmp_path):
         assert torch.equal(a.cpu(), b), name
     gpu.train_step()  # and both go on
     cpu.train_step()
+
+
+def test_a_step_without_a_merge_never_makes_the_host_wait_for_the_gpu(data_dir):
+    """Two micro-batches and AdamW's step with no host sync (torch's sync debug mode raises at
+    any): a GPU step that the host sets the pace of (60m LoQT on an H200) loses whatever the
+    host waits. An H200 profile found two a micro-batch, the copies of ids and labels. (Not
+    8-bit Adam: bitsandbytes synchronizes after every tensor it steps.)"""
+    from loqt_ray.trainer import Trainer
+
+    cfg = nano_config(
+        data_dir, "loqt.update_interval=4", "train.grad_accum=2", "train.steps=8", "train.dtype=bfloat16",
+        "scale.use_gpu=true",
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    for _ in range(2):  # step 0's merge and refresh, then a step that makes the optimizer state
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.step == 3 and math.isfinite(trainer.train_metrics()["train_loss"])
 
 
 @pytest.mark.parametrize("method", ["loqt", "full"])
