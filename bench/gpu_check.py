@@ -3,8 +3,9 @@
 Each step runs in its own process with its own timeout, so a crash, an out-of-memory or a hang
 in one keeps what the others measured; the results file is rewritten after every step. Under
 --out: gpu_check.json (every step: status, seconds, measurements), gpu_check.log (every
-step's output), profile.txt (where a full-rank and a LoQT step's time goes). --cpu runs the same steps on
-the CPU at tiny sizes (the suite runs it, so the script cannot rot between GPU runs).
+step's output), profile.txt (where a full-rank and a LoQT step's time goes). --cpu runs the
+same steps on the CPU at tiny sizes (the suite runs it, so the script cannot rot between GPU
+runs).
 
     bench/gpu_check.sh [--cpu]          (the wrapper installs carried wheels first)
 """
