@@ -27,12 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from recipe import write_result
 
 CASES = {
     "130m exact, AdamW": ["model.size=130m", "loqt.refresh=exact", "optim.name=adamw"],
@@ -205,11 +206,8 @@ def write_results(out: Path, common: list[str], rows: dict) -> None:
             f"{r['measured_over_estimate']:.2f} | {r['refresh_over_steady']:.2f} |"
         )
     print("\n".join(table))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, RSS high-water over the pre-model baseline"
-    out.write_text(
-        json.dumps({"settings": common, "machine": machine, "rows": rows, "table": table}, indent=1)
-    )
+    measured = f"{os.cpu_count()} cores, RSS high-water over the pre-model baseline"
+    write_result(out, {"settings": common, "measured": measured, "rows": rows, "table": table})
 
 
 if __name__ == "__main__":

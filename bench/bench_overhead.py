@@ -1,8 +1,7 @@
 """The host cost of LoQT's layers against nn.Linear: operators dispatched and CPU time per pass.
 
-On a GPU a small model's LoQT step waits on the host, not on the device: an H200 spent 197 ms of
-host time and 38 ms of GPU time on one 60m LoQT step (bench/results/gpu_profile_h200_run1.txt),
-so every operator a wrapped layer launches, and the Python around it, is what LoQT's tokens/s
+On a GPU a small model's LoQT step waits on the host, not on the device (docs/gpu.md), so every
+operator a wrapped layer launches, and the Python around it, is what LoQT's tokens/s
 loses to full-rank. This bench measures that part on the CPU, at sizes where the arithmetic is
 negligible: the aten operators one forward+backward dispatches (each a kernel launch on a GPU;
 bitsandbytes' registered ops count as one) and its wall time, for one layer and for a tiny
@@ -51,7 +50,7 @@ def forward_backward(module: nn.Module, x: torch.Tensor, autocast: bool) -> None
 
 def measure(module: nn.Module, make_input, autocast: bool, repeats: int) -> dict:
     """Operators per pass (counted once) and the process's CPU time per pass, the least of 5 rounds
-    (this machine's wall clock wanders by 2x between runs; CPU time of one thread much less)."""
+    (a shared machine's wall clock wanders between runs; one thread's CPU time much less)."""
     for _ in range(10):  # warm-up: first-call caches, the allocator, the CPU's clock
         forward_backward(module, make_input(), autocast)
     with CountOps() as counter:

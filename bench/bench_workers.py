@@ -11,7 +11,6 @@ column shows what the step timer leaves out (evaluations, checkpoints, reporting
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from recipe import write_result
 
 from loqt_ray.config import load_config
 from loqt_ray.launch import run_training
@@ -79,12 +79,8 @@ def main() -> None:
         for r in rows
     ]
     print("\n".join(table))
-    Path(args.out).write_text(
-        json.dumps(
-            {"cores": CORES, "steps": args.steps, "log_every": args.log_every, "rows": rows, "table": table},
-            indent=1,
-        )
-    )
+    settings = {"cores": CORES, "steps": args.steps, "log_every": args.log_every}
+    write_result(args.out, {**settings, "rows": rows, "table": table})
 
 
 if __name__ == "__main__":

@@ -103,8 +103,8 @@ def measure(cfg, steps: int, keep=lambda partial: None, stand_in_graphs: bool = 
     first step, peak memory against the estimator, the merge+refresh share. `keep` is given what
     is known so far after the build and after the first step (a step that times out keeps it).
     The peaks are this run's own: what earlier runs in the process still hold when it starts is
-    taken off (on an H200, 1b LoQT measured after 1b full-rank peaked 21 GiB over its estimate,
-    about full-rank 1b's weights and Adam states; ZeRO's engines are not all freed).
+    taken off (DeepSpeed's engines are not all freed when a run ends, and an earlier run's weights
+    and Adam states would otherwise count as this run's).
     `stand_in_graphs` (the CPU's, which has no CUDA graphs): train.cuda_graphs' replay logic runs
     with the eager loss as the recording."""
     import torch
@@ -363,7 +363,7 @@ def step_train_1b(check: Check) -> dict:
     """1b LoQT at the largest micro-batch the estimator fits into 90 % of the GPU (the estimate
     checked where it matters most: a wrong one runs out of memory), then full-rank and LoQT at one
     micro-batch both fit with room to spare: their speed where the GPU, not the host, sets the
-    pace. (Full-rank at its own largest micro-batch ran out of memory on an H200: README.)"""
+    pace. (Full-rank's estimate misses part of what ZeRO-2 holds for it: docs/gpu.md.)"""
     import torch
 
     from loqt_ray.memory import largest_trainer_batch
@@ -407,7 +407,7 @@ def step_graphs(check: Check) -> dict:
     eagerly and replayed from CUDA graphs (torch.cuda.make_graphed_callables), LoQT and full-rank.
     A replay launches the recorded kernels without Python or per-kernel launch cost, so graphed
     LoQT/full is what LoQT's step could reach once its launches stop setting the pace (train_60m's
-    step is host-bound: README). The CPU has no graphs: eager only."""
+    step is host-bound: docs/gpu.md). The CPU has no graphs: eager only."""
     from loqt_ray.graphs import LossOf, record_cuda_graphs
     from loqt_ray.trainer import Trainer
 
@@ -589,7 +589,7 @@ STEP_TEXT = {
 
 
 def summary(results: dict) -> str:
-    """The table the README and the issue note quote."""
+    """The table docs/gpu.md quotes."""
     lines = ["| step | status | s | result |", "|---|---|---|---|"]
     for name, step in results["steps"].items():
         measured = step.get("result") or step.get("partial", {})

@@ -7,6 +7,8 @@ warmup, LoQT rank 32 with merges from tau = 30 growing by psi = 1.5, one evaluat
 
 import json
 import platform
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -20,9 +22,22 @@ def tiny_recipe(steps: int, data_dir: str = "data", size: str = "tiny", rank: in
 
 
 def write_result(out: str | Path, result: dict) -> None:
-    """`result` plus the machine it ran on, as JSON at `out` (bench/results/...)."""
+    """`result` plus what it was measured on (the machine, the commit, the date), as JSON at `out`
+    (bench/results/...), so that a figure quoted from it can say so."""
     import torch
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    where = {"machine": machine, "commit": commit(), "date": time.strftime("%Y-%m-%d")}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({**result, "machine": machine}, indent=1))
+    Path(out).write_text(json.dumps({**result, **where}, indent=1))
+
+
+def commit() -> str:
+    """The checkout's commit (with "+changes" when the tree differs from it), or "unknown"."""
+    root = Path(__file__).resolve().parent.parent
+    run = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    head = run("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return "unknown"
+    dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+changes" if dirty else "")

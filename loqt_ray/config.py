@@ -137,7 +137,7 @@ class LoQTConfig:
 
 
 # The reference recipe's peak learning rate for LoQT (its 60m/130m/350m scripts), and full-rank
-# AdamW's, which diverges or trails at LoQT's (bench/bench_quality.py; README "Defaults").
+# AdamW's, which diverges or trails at LoQT's (bench/bench_quality.py; docs/benchmarks.md).
 DEFAULT_LR = {"loqt": 1e-2, "loqt-nq": 1e-2, "full": 3e-3}
 WARMUP_SHARE = 0.1  # linear warmup over the first 10 % of the steps, as the reference does
 

@@ -60,8 +60,8 @@ def ensure_process_group(cuda: bool) -> None:
 
 def skip_shm_comm_build() -> None:
     """Keep DeepSpeed from compiling its CPU shared-memory all-reduce. Its communication backend
-    JIT-builds that C++ op when it starts (29 s of two compilers on this project's 2-core machine,
-    the first time on a machine, and a compiler every CPU machine would need), yet only its
+    JIT-builds that C++ op when it starts (half a minute of compiling the first time on a
+    machine, and a compiler every CPU machine would need), yet only its
     inference all-reduce calls the op: training's collectives go through the torch process group
     either way. deepspeed.comm's build_shm_op skips an op its compatibility table marks off."""
     import deepspeed.ops

@@ -1,9 +1,8 @@
 """train.cuda_graphs: the loss's forward and backward recorded once as CUDA graphs and replayed.
 
-Why: a small model's LoQT step on a GPU waits on the host. On an H200, 60m LoQT took 136 ms of
-host time for 73 ms of GPU work per step (full-rank: 71 / 67), and forward+backward replayed
-from a recording ran 2.2x faster than eagerly (bench/gpu_check.py's graphs step). A replay
-launches the recorded kernels without Python or per-kernel launch cost.
+Why: a small model's LoQT step on a GPU waits on the host (each wrapped layer launches about
+twenty small kernels; docs/gpu.md has the measurements). A replay launches the recorded
+kernels without Python or per-kernel launch cost.
 
 What is recorded: `model(ids, labels).loss` with its backward, through
 torch.cuda.make_graphed_callables. The replay hands the gradients of the trainable parameters
@@ -20,7 +19,7 @@ Conditions, each for a reason:
 - One stream for everything, the recording's: autograd gives each parameter's gradient
   accumulator the stream it was made on and keeps it; a recording that meets one made on the
   default stream fails ("operation would make the legacy stream depend on a capturing blocking
-  stream", an H200 with torch 2.11; pytorch/pytorch#137483). The trainer calls `use_capture_stream`
+  stream", torch 2.11; pytorch/pytorch#137483). The trainer calls `use_capture_stream`
   before it builds anything, so every kernel of the run goes to the stream recordings use.
 - Recorded after some eager steps: DeepSpeed moves parameters into flat buffers and makes
   optimizer state lazily; the recording must see the addresses training keeps.
@@ -48,7 +47,7 @@ def use_capture_stream() -> None:
 
 def record_cuda_graphs(module: torch.nn.Module, args: tuple) -> Callable:
     """torch.cuda.make_graphed_callables, with torch's own remedy for a stale stream switched on
-    while it records where torch has it (from pytorch/pytorch#180090, after the GPU machine's 2.11):
+    while it records where torch has it (from pytorch/pytorch#180090; torch 2.11 lacks it):
     any gradient accumulator still on another stream is moved to the recording's."""
     override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", lambda enabled: None)
     override(True)

@@ -225,7 +225,7 @@ def start_local_ray(**resources) -> None:
     cluster) the leaks came back and a sweep stalled. So the dashboard's address, chosen here, is
     in the environment that the Ray processes started here inherit, where the state API looks
     first (sweep._LeakedGroups, in this process, names its cluster itself). No node address is
-    given: Ray 2.60 turns 127.0.0.1 into this machine's address anyway (README: What binds where)."""
+    given: Ray 2.60 turns 127.0.0.1 into this machine's address anyway (docs/cluster.md)."""
     import ray
 
     from .distributed import free_port

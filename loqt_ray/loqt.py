@@ -87,9 +87,8 @@ class _LoQTMatmul(torch.autograd.Function):
 def svd_gesvda(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """torch.linalg.svd(g, full_matrices=False) through cuSOLVER's gesvda, or None where it fails
     (torch raises, or the values are not finite: one host sync), with a warning that says why.
-    On an H200 it took 121 ms for a 7B MLP gradient (11008 x 4096) against the default driver's
-    1102 ms, and 5 ms against 20 ms at 60m, keeping the top-r subspace as exactly
-    (bench/gpu_check.py's svd step); it approximates the smallest singular values."""
+    It is several times faster than the default CUDA driver on a refresh's matrices and keeps
+    their top-r subspace as exactly (docs/gpu.md); it approximates the smallest singular values."""
     try:
         u, s, vh = torch.linalg.svd(g, full_matrices=False, driver="gesvda")
     except RuntimeError as e:  # a CUDA error that is not cuSOLVER's would resurface at the next call
@@ -112,13 +111,10 @@ def top_right_singular_vectors(g: torch.Tensor, k: int, rank_bound: int | None =
     """The top-k right singular vectors of g (m x n, m >= n) as rows: what a refresh's P is made of.
     On CUDA gesvda's, unless g is known to be rank-deficient (`rank_bound` < n: a gradient summed
     over fewer tokens than that) or gesvda fails; then the eigenvectors of gᵀ·g (n x n), never
-    the default driver's SVD. On an H200 the 7B job's first refresh (one step of 2 x 256 tokens, so
-    every gradient has rank <= 512 against rank 1024 asked) was still in the default driver's
-    SVD, reached after gesvda failed (why is not established: gesvda kept the subspace of a
-    synthetic rank-512 gradient), after 209 s; through eigh its whole first step took 35 s.
-    eigh converges on any symmetric matrix (7B: 90 ms); squaring g blurs only directions whose
-    singular values are ~1e-3 of the largest or less, and past its rank a rank-deficient g has no
-    preferred vectors anyway."""
+    the default driver's SVD, which can take minutes on a rank-deficient 7B gradient (a step of
+    fewer tokens than P's side). eigh converges on any symmetric matrix and is fast; squaring g
+    blurs only directions whose singular values are ~1e-3 of the largest or less, and past its
+    rank a rank-deficient g has no preferred vectors anyway."""
     if g.is_cuda:
         deficient = rank_bound is not None and rank_bound < min(g.shape)
         svd = None if deficient else svd_gesvda(g)

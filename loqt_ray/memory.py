@@ -17,7 +17,7 @@ wrapped m x n matrix (m <= n):
     LoQT-nq   mn + mr + nr                  nr          2nr
 
 Every other parameter (embeddings, lm_head, norms) is trained full-rank with
-Adam by every method, as in our trainer and the paper. NF4 bytes are exact
+Adam by every method, as in this trainer and the paper. NF4 bytes are exact
 for bitsandbytes' layout (packed nibbles, per-block absmax, nested
 statistics with double quantization). Stated assumptions, one set for all
 sizes: weights, gradients and Adam moments at `param_bytes` / `grad_bytes` /
@@ -216,13 +216,11 @@ def saved_activation_bytes(
     from its saved tensors (tests/test_memory.py checks it with saved_tensors_hooks, within 5 %):
     per layer, the two RMSNorm inputs upcast to fp32 (2h) and, in the compute dtype, about 6h
     more (normalized values, q, k, v, the attention output; SDPA's CPU kernels save slightly
-    different sets by shape: 130m measured 5.3h, tiny 6.5h), gate, SiLU, up and their product
-    (4i), and the LoQT factors' r-wide intermediates (6r measured); then the final norm, and the
+    different sets by shape, between about 5h and 6.5h), gate, SiLU, up and their product
+    (4i), and the LoQT factors' r-wide intermediates (about 6r); then the final norm, and the
     loss's fp32 log-softmax plus, at the start of backward, the gradients of the logits: two fp32
-    ones (log-softmax's incoming and outgoing gradient) and one in the compute dtype. (The CPU
-    saved-tensor count cannot see those transients; an H200 run, 60m at 16k tokens, peaked one
-    fp32 logits-sized tensor above the count with one fp32 gradient, and a 1b run ran out of
-    memory asking for exactly that tensor.)"""
+    ones (log-softmax's incoming and outgoing gradient) and one in the compute dtype. (A count of
+    saved tensors cannot see those transients; GPU peaks show them, docs/gpu.md.)"""
     per_layer = 2 * shape.hidden * 4 + (6 * shape.hidden + 4 * shape.intermediate) * width
     if low_rank:
         per_layer += 6 * rank * width

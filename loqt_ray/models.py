@@ -52,8 +52,8 @@ def build_model(
 
 def build_device(size: str, vocab_size: int, device: torch.device) -> torch.device:
     """Where to build a model that trains on `device`: that GPU when it has room for the dense fp32
-    model with a quarter to spare (random init of a 7B model took 116 s on the 16 cores of our
-    H200 test machine; LoQT then quantizes it layer by layer where it is), else the CPU (a 24 GB
+    model with a quarter to spare (random init of a large model takes minutes on CPU cores and
+    seconds on a GPU; LoQT then quantizes it layer by layer where it is), else the CPU (a 24 GB
     GPU cannot hold a dense fp32 7B model: its weights come over one layer at a time)."""
     if device.type != "cuda":
         return torch.device("cpu")

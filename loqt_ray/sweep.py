@@ -331,7 +331,7 @@ def _last_error_line(trial) -> str:
 class _LeakedGroups(Periodic):
     """Frees the CPUs Ray Train sometimes leaks when Tune stops a trial. The trial's controller is
     aborted and stops its PlacementGroupCleaner, and now and then the workers' placement group
-    outlives them (11 of 13 early stops in one 16-trial sweep on 2 loaded cores), holding its CPUs:
+    outlives them (most early stops, on a loaded machine), holding its CPUs:
     later trials then wait for workers that never come and the sweep stalls. A group shaped like a
     trial's workers that no live actor uses, seen so in two checks `every_s` apart, is removed.
     The checks run in a thread of their own: Tune's loop is not guaranteed to turn while it waits."""

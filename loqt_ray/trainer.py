@@ -40,9 +40,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host batch on `device`. To a GPU through pinned memory, without waiting: a copy from
-    pageable memory makes the host wait for every kernel queued before it (an H200 profile of a
-    60m step found two such waits a micro-batch, ids and labels). torch's pinned-memory cache
-    keeps the pinned copy until the transfer is done."""
+    pageable memory makes the host wait for every kernel queued before it, twice a micro-batch
+    (ids and labels). torch's pinned-memory cache keeps the pinned copy until the transfer is done."""
     if device.type != "cuda":
         return t
     return t.pin_memory().to(device, non_blocking=True)

@@ -144,7 +144,7 @@ def wait_for(what: str, check, timeout: float, every: float = 1.0):
 
 
 class Cluster:
-    """A head and a second node, started with `ray start` as the README says: each 1 CPU on
+    """A head and a second node, started with `ray start` as docs/cluster.md says: each 1 CPU on
     127.0.0.1 with its own temp dir and resource label, token auth on (a token in their HOME)."""
 
     def __init__(self, home: Path):
@@ -447,7 +447,7 @@ SWEEP = ["sweep.name=clustertest", "sweep.num_samples=3", "sweep.tokens_per_tria
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_sweep_job_runs_trials_on_both_nodes_and_goes_on_when_one_is_lost(cluster, tmp_path):
-    """`ray job submit` of the sweep, as the README does it; its trials land on both nodes; node 2
+    """`ray job submit` of the sweep, as docs/cluster.md does it; its trials land on both nodes; node 2
     dies while a trial runs there: that trial fails and the others finish."""
     nodes = cluster.alive()
     # The job API is on loopback only and refuses a request without the token.
