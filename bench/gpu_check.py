@@ -39,7 +39,15 @@ STEPS = {
         "one full-rank and one LoQT step, timed and under torch.profiler; the LoQT step's host syncs",
     ),
     "train_1b": (150, "1b LoQT at the estimator's largest micro-batch; full-rank and LoQT speed"),
-    "train_7b": (240, "jobs/train_7b_24gb.yaml: a few steps, peak memory vs estimate"),
+    "train_7b": (
+        240,
+        "jobs/train_7b_24gb.yaml's real batch capped at 24 GiB: a refresh step and two more, peak vs "
+        "estimate, tokens/s, MFU",
+    ),
+    "checkpointing_7b": (
+        150,
+        "7B at the largest micro-batch without activation checkpointing: time per token with it on vs off",
+    ),
     "svd": (90, "a refresh's SVD per layer shape: torch.linalg.svd against faster ways to the same P"),
     "graphs": (60, "60m forward+backward alone (no optimizer), eager and replayed as CUDA graphs"),
 }
@@ -389,17 +397,103 @@ def step_train_1b(check: Check) -> dict:
     return runs
 
 
-def step_train_7b(check: Check) -> dict:
+CAP_GIB = 24  # the 7B job's card
+# Dense bf16 matrix throughput by device name: what MFU divides by (None: an unknown device).
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+
+
+def job_7b(check: Check, *extra: str):
+    """jobs/train_7b_24gb.yaml's training settings on the check's corpus: on the CPU a small model
+    at rank 64, two sequences a micro-batch, three micro-batches a step."""
     from loqt_ray.config import read_yaml
 
     job = read_yaml(ROOT / "jobs" / "train_7b_24gb.yaml")
     settings = [f"{section}.{k}={v}" for section in ("loqt", "optim") for k, v in job[section].items()]
-    settings += ["train.master_weights=false", "scale.zero_stage=0", "loqt.update_interval=100"]
+    kept = ("micro_batch_size", "grad_accum", "activation_checkpointing", "master_weights")
+    settings += [f"train.{k}={v}" for k, v in job["train"].items() if k in kept]
+    settings += ["scale.zero_stage=0", "loqt.update_interval=100"]
     if check.cpu:
-        settings += ["loqt.rank=64", "train.micro_batch_size=2"]
-    else:
-        settings += [f"train.micro_batch_size={job['train']['micro_batch_size']}"]
-    return measure(check.config("7b", *settings), 3, check.keep)
+        settings += ["loqt.rank=64", "train.micro_batch_size=2", "train.grad_accum=3"]
+    return check.config("7b", *settings, *extra)
+
+
+def cap_memory() -> float | None:
+    """Cap this process at CAP_GIB of the GPU (as a 24 GB card would hold it); the cap in GiB."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * 2**30 / total))
+    return CAP_GIB
+
+
+def model_flops_per_token(cfg) -> float:
+    """Training FLOPs of one token by the model's own arithmetic: 6 per weight of every matrix it
+    multiplies by (forward and backward), plus attention's 12 x layers x hidden x sequence. A
+    recompute is not counted: MFU counts the model's FLOPs, not the hardware's."""
+    from loqt_ray.config import MODEL_SIZES
+
+    shape = MODEL_SIZES[cfg.model.size]
+    matrices = sum(o * i for o, i in shape.linear_shapes()) + cfg.data.vocab_size * shape.hidden  # + lm_head
+    return 6.0 * matrices + 12.0 * shape.layers * shape.hidden * cfg.data.seq_len
+
+
+def mfu(cfg, tokens_per_s: float) -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((flops for key, flops in BF16_PEAK_FLOPS.items() if key in name), None)
+    return model_flops_per_token(cfg) * tokens_per_s / peak if peak else None
+
+
+def step_train_7b(check: Check) -> dict:
+    """The 7B job's real batch (on a GPU: 38 x 256 tokens a micro-batch, 14 micro-batches, per-layer
+    8-bit Adam, activation checkpointing, offloaded refreshes) with the process capped at 24 GiB:
+    step 0 (a refresh and every layer's merge) and two steps more."""
+    cap = cap_memory()
+    cfg = job_7b(check)
+    result = {"cap_gib": cap, **measure(cfg, 3, check.keep)}
+    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    result.update(tokens_per_step=tokens, mfu=mfu(cfg, result["tokens_per_s"]))
+    return result
+
+
+def step_checkpointing_7b(check: Check) -> dict:
+    """Time per token of the same 7B steps with activation checkpointing and without, at the largest
+    micro-batch that fits 23 GiB without it (by the estimator), two micro-batches a step, capped
+    at 24 GiB: one trainer, its blocks' checkpointing switched off between the two timings."""
+    import torch
+
+    from loqt_ray.launch import engine_for
+    from loqt_ray.memory import largest_trainer_batch
+    from loqt_ray.trainer import Trainer
+
+    cap = cap_memory()
+    largest, _ = largest_trainer_batch(job_7b(check, "train.activation_checkpointing=false"), 23)
+    batch = min(largest, 2) if check.cpu else largest
+    cfg = job_7b(check, f"train.micro_batch_size={batch}", "train.grad_accum=2", "train.steps=5")
+    trainer = Trainer(cfg, make_engine=engine_for(cfg))
+    trainer.train_step()  # step 0: the refresh and merges, not timed
+
+    def seconds_per_token(steps: int = 2) -> float:
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / (steps * trainer.tokens_per_step)
+
+    on = seconds_per_token()
+    model = trainer.model  # transformers' newer name for it, or the older one
+    getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+    off = seconds_per_token()
+    return {"cap_gib": cap, "micro_batch": batch, "on_s_per_token": on, "off_s_per_token": off,
+            "on_over_off": on / off}  # fmt: skip
 
 
 def step_graphs(check: Check) -> dict:
@@ -584,7 +678,14 @@ STEP_TEXT = {
         "; ".join(_run_text(f"{m}: ", r[m]) for m in ("loqt_largest", "full", "loqt"))
         + f"; LoQT/full tokens/s {r['loqt_over_full_tokens_per_s']:.2f}"
     ),
-    "train_7b": lambda r: _run_text("", r),
+    "train_7b": lambda r: (
+        _run_text(f"{r['tokens_per_step']:,} tokens a step, ", r)
+        + (f", MFU {r['mfu']:.1%}" if r.get("mfu") else "")
+    ),
+    "checkpointing_7b": lambda r: (
+        f"micro-batch {r['micro_batch']}: time per token with activation checkpointing / without "
+        f"{r['on_over_off']:.2f}"
+    ),
 }
 
 

@@ -129,11 +129,13 @@ class LoQTConfig:
     psi: float = 1.2  # exponential growth of the gap
     gap_increment: int = 100  # linear growth of the gap
     max_gap: int | None = None  # cap on the gap between merges
-    # How a refresh gets the step's gradient of W. exact: a dense fp32 buffer per wrapped layer, all
-    # alive from the step's first micro-batch to the merge (any gradient accumulation). layerwise:
-    # one micro-batch per step; each layer's gradient is reduced, SVD'd and freed inside backward,
-    # so one exists at a time (same P). auto: layerwise when train.grad_accum is 1, else exact.
-    refresh: Literal["auto", "exact", "layerwise"] = "auto"
+    # How a refresh gets the step's gradient of W, summed over every micro-batch and rank.
+    # exact: a dense fp32 buffer per wrapped layer on the device, all alive from the step's first
+    # micro-batch to the merge. offload: the same sums in bf16 buffers in host memory; the device
+    # holds one layer's gradient at a time. layerwise: one micro-batch per step; each layer's
+    # gradient is reduced, SVD'd and freed inside backward (same P as exact). auto: layerwise when
+    # train.grad_accum is 1, else offload.
+    refresh: Literal["auto", "exact", "offload", "layerwise"] = "auto"
 
 
 # The reference recipe's peak learning rate for LoQT (its 60m/130m/350m scripts), and full-rank
@@ -173,6 +175,10 @@ class TrainConfig:
     master_weights: bool = True
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # Recompute each decoder block's activations in backward instead of keeping them: only the
+    # blocks' inputs are kept between forward and backward (transformers' gradient checkpointing,
+    # non-reentrant), for about a third more compute per token.
+    activation_checkpointing: bool = False
     # Replay the loss's forward and backward from a CUDA graphs recording on steps without a
     # refresh (graphs.py): for small models whose GPU step waits on the host. Needs a GPU and one
     # micro-batch per step; holds a second set of activations on refresh steps.
@@ -222,11 +228,11 @@ class Config:
             return self.optim.warmup_steps
         return round(WARMUP_SHARE * self.train.steps)
 
-    def layerwise_refresh(self) -> bool:
-        """Whether refreshes take P inside backward (loqt.refresh, with `auto` resolved)."""
-        return self.loqt.refresh == "layerwise" or (
-            self.loqt.refresh == "auto" and self.train.grad_accum == 1
-        )
+    def refresh_method(self) -> str:
+        """loqt.refresh with `auto` resolved: layerwise for one micro-batch per step, else offload."""
+        if self.loqt.refresh != "auto":
+            return self.loqt.refresh
+        return "layerwise" if self.train.grad_accum == 1 else "offload"
 
 
 @dataclass
@@ -526,7 +532,7 @@ def _validate_data(data: DataConfig, max_positions: int) -> None:
         _require(data.max_documents >= 2, "data.max_documents", f"must be >= 2 (got {data.max_documents})")
 
 
-def _validate_optim(optim: OptimConfig, train: TrainConfig, scale: ScaleConfig) -> None:
+def _validate_optim(optim: OptimConfig, scale: ScaleConfig) -> None:
     _require(optim.lr is None or optim.lr > 0, "optim.lr", f"must be > 0 (got {optim.lr})")
     _require(
         all(0 <= b < 1 for b in optim.betas), "optim.betas", f"must be in [0, 1) (got {list(optim.betas)})"
@@ -546,18 +552,11 @@ def _validate_optim(optim: OptimConfig, train: TrainConfig, scale: ScaleConfig) 
         "optim.name",
         "adam8bit keeps blockwise-quantized states that ZeRO cannot partition; set scale.zero_stage=0",
     )
-    if optim.per_layer:
-        _require(
-            scale.num_workers == 1,
-            "optim.per_layer",
-            "per-layer optimizer updates run on a single worker; set scale.num_workers=1 or per_layer=false",
-        )
-        _require(
-            train.grad_accum == 1,
-            "optim.per_layer",
-            "per-layer updates step inside backward, so gradient accumulation is impossible; "
-            "set train.grad_accum=1",
-        )
+    _require(
+        not optim.per_layer or scale.num_workers == 1,
+        "optim.per_layer",
+        "per-layer optimizer updates run on a single worker; set scale.num_workers=1 or per_layer=false",
+    )
 
 
 def _validate_precision(cfg: Config) -> None:
@@ -565,7 +564,7 @@ def _validate_precision(cfg: Config) -> None:
         cfg.loqt.refresh != "layerwise" or cfg.train.grad_accum == 1,
         "loqt.refresh",
         "layerwise refreshes take the SVD inside backward, so they need one micro-batch per step: "
-        "set train.grad_accum=1 or loqt.refresh=exact",
+        "set train.grad_accum=1 or loqt.refresh=offload",
     )
     if not cfg.train.master_weights:
         _require(
@@ -599,6 +598,12 @@ def _validate_graphs(cfg: Config) -> None:
         "train.cuda_graphs",
         "per-layer updates are for models whose step the GPU sets the pace of, where a recording "
         "gains nothing: set optim.per_layer=false or cuda_graphs=false",
+    )
+    _require(
+        not cfg.train.activation_checkpointing,
+        "train.cuda_graphs",
+        "activation checkpointing recomputes the forward inside backward, which a recording cannot "
+        "replay: set train.activation_checkpointing=false or cuda_graphs=false",
     )
 
 
@@ -681,7 +686,7 @@ def validate(cfg: Config) -> None:
             f"rank {cfg.loqt.rank} does not fit the {cfg.model.size} model's {shape.hidden}-wide layers "
             f"(must be <= {shape.hidden})",
         )
-    _validate_optim(cfg.optim, cfg.train, cfg.scale)
+    _validate_optim(cfg.optim, cfg.scale)
     _validate_precision(cfg)
     _validate_graphs(cfg)
     _validate_train(cfg.train)

@@ -11,7 +11,7 @@ The trainer drives every engine through the same calls, once per optimizer step:
   loss instead, graphs.py, and `backward` takes that loss as it takes any other).
 - `backward(loss)`: accumulates one micro-batch's gradients; never steps the optimizer
   (per-layer updates are the one exception, documented on PerLayerOptimizer: they step
-  inside backward, and `step` then only reports).
+  inside the backward of the step's last micro-batch, and `step` then only reports).
 - `step()`: clips, applies the accumulated step, zeroes the gradients; returns the global
   gradient norm before clipping as a 0-dim tensor (no host sync), or None where no global
   norm exists (per-layer updates).
@@ -97,6 +97,7 @@ class PlainEngine:
             self.optimizer = PerLayerOptimizer(self.params, cfg.optim, cfg.peak_lr())
         else:
             self.optimizer = make_optimizer(self.params, cfg.optim, cfg.peak_lr())
+        self.micro_batches = 0  # backward calls since the last step
 
     @property
     def _optimizers(self) -> list[torch.optim.Optimizer]:
@@ -112,11 +113,15 @@ class PlainEngine:
             group["lr"] = lr
 
     def backward(self, loss: torch.Tensor) -> None:
+        if isinstance(self.optimizer, PerLayerOptimizer):  # the step's last micro-batch steps
+            self.optimizer.stepping = self.micro_batches + 1 == self.cfg.train.grad_accum
         loss.backward()
+        self.micro_batches += 1
 
     def step(self) -> torch.Tensor | None:
+        self.micro_batches = 0
         if isinstance(self.optimizer, PerLayerOptimizer):
-            return None  # each tensor stepped inside backward
+            return None  # each tensor stepped inside the last micro-batch's backward
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         self.optimizer.step()

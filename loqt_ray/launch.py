@@ -272,6 +272,33 @@ def check_resources(scale, extra_cpu: float = 0.0) -> None:
             )
 
 
+def check_host_memory(cfg: Config, local: bool) -> None:
+    """Refuse a GPU run whose workers' host memory at step 0 (memory.host_bytes) the machines
+    cannot hold: this machine's memory for a local run (checked before Ray starts), else each
+    live Ray node's memory as Ray counts it."""
+    from . import memory
+
+    if local:
+        import psutil
+
+        nodes = [
+            (float(psutil.virtual_memory().total), float(cfg.scale.num_workers * cfg.scale.gpus_per_worker))
+        ]
+    else:
+        import ray
+
+        alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        nodes = [(r.get("memory", 0.0) + r.get("object_store_memory", 0.0), r.get("GPU", 0.0)) for r in alive]
+    why = memory.host_memory_shortfall(cfg, nodes)
+    if why is not None:
+        field = "loqt.refresh" if cfg.refresh_method() == "offload" else "model.size"
+        raise ConfigError(
+            field,
+            f"{why}; set train.grad_accum=1 (layerwise refreshes keep no buffers) or loqt.refresh=exact "
+            "(buffers on the device), or run on machines with more memory",
+        )
+
+
 def worker_resources(scale) -> dict[str, float]:
     """What Ray reserves for each worker of a run (and so the shape of its placement group)."""
     return {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
@@ -479,6 +506,9 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
 
     out = results.run_dir(cfg)
     resume_from = resume_point(cfg, out)
+    local = not (cfg.scale.address or os.environ.get("RAY_ADDRESS"))
+    if local:  # before anything is written: this machine is the one node
+        check_host_memory(cfg, local=True)
     # Data, tokenizer and packed sequences once, here: a bad source or tokenizer fails before any
     # cluster starts, and workers never race to build the same cache.
     results.start_run(out, cfg, prepare(cfg.data).tokenizer)
@@ -490,6 +520,8 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     with console_to_log(out / results.RAY_LOG) as console:
         start_ray(cfg.scale.address)
         check_resources(cfg.scale)
+        if not local:
+            check_host_memory(cfg, local=False)
         with RunProgress(out, cfg.train.steps, cfg.train.name, progress, console, start):
             try:
                 make_trainer(cfg, out).fit()

@@ -184,10 +184,11 @@ class LoQTLinear(nn.Module):
         w = linear.weight.detach().float()
         if quantize:
             self.weight_q = NF4Tensor(w, **self.nf4)
-            # The full-precision weight, kept (off the state_dict, on the CPU: one copy from any
-            # device) until the first update compensates against it: the paper quantizes W with
-            # error compensation at step 0.
-            self.initial_weight: torch.Tensor | None = w.detach().to("cpu", copy=True)
+            # The weight before quantization, kept (off the state_dict, in host memory) until the
+            # first update compensates against it: the paper quantizes W with error compensation
+            # at step 0. In bf16: its rounding (2^-9 relative) is far below NF4's error (about
+            # 0.1), and a 7B model's copy is then 12 GiB of host memory, not 24.
+            self.initial_weight: torch.Tensor | None = w.detach().to("cpu", torch.bfloat16, copy=True)
         else:
             self.register_buffer("weight_fp", w.clone())
         p_shape = (self.rank, self.in_features) if self.p_is_a else (self.out_features, self.rank)
@@ -199,11 +200,14 @@ class LoQTLinear(nn.Module):
             self.register_buffer("projection", p0)
         b_shape = (self.out_features, self.rank) if self.p_is_a else (self.rank, self.in_features)
         self.B = nn.Parameter(torch.zeros(b_shape, device=w.device, dtype=linear.weight.dtype))
-        self.capture = False
+        self.capture: str | None = None  # the capture under way: None, "exact", "offload" or "layerwise"
         self.grad_buffer: torch.Tensor | None = None  # exact capture: the step's dense gradient
+        self.host_buffer: torch.Tensor | None = None  # offload capture: the same in host memory
+        self.host_filled = False  # whether this step's first micro-batch reached host_buffer yet
         self.reduce = None  # layerwise capture: averages a gradient over ranks, set by start_capture
         self.capture_tokens: int | None = None  # how many tokens a captured gradient sums over
-        self.pending_projection: torch.Tensor | None = None  # layerwise capture: the new P
+        # layerwise capture: the new P, held as P is stored (NF4 or dense) until the merge takes it
+        self.pending_projection: torch.Tensor | NF4Tensor | None = None
 
     # -- the matrices
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -221,43 +225,82 @@ class LoQTLinear(nn.Module):
     @property
     def capturing(self) -> bool:
         # Only training forwards that build a graph: evaluation never touches the buffer.
-        return self.capture and self.training and torch.is_grad_enabled()
+        return self.capture is not None and self.training and torch.is_grad_enabled()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LoQTMatmul.apply(x, self.B, self, self.capturing)
 
     # -- refresh and merge
-    def start_capture(self, reduce=None, tokens: int | None = None) -> None:
-        """Capture this step's gradient of W for a refresh. Exact (reduce=None): every micro-batch's
-        dYᵀ·X is summed into a dense fp32 buffer that lives until the merge takes it. Layerwise
-        (`reduce`, a function averaging a tensor over data-parallel ranks): the step has one
-        micro-batch, so backward reduces this layer's gradient, keeps only its top-r singular
-        vectors and frees it; one layer's gradient exists at a time. `tokens`, the step's count over
-        micro-batches and ranks, bounds the gradient's rank (see projection_from)."""
-        self.reduce, self.capture_tokens = reduce, tokens
-        if reduce is None:
+    def start_capture(self, how: str = "exact", reduce=None, tokens: int | None = None) -> None:
+        """Capture this step's gradient of W, summed over its micro-batches, for a refresh.
+
+        exact: every micro-batch's dYᵀ·X is added into a dense fp32 buffer on W's device, alive
+            until the merge takes it (every wrapped layer's at once).
+        offload: the same sum in a bf16 buffer in host memory (pinned next to a GPU), alive from
+            the first micro-batch to the merge; the device holds one layer's dYᵀ·X at a time,
+            inside backward. bf16 keeps the top-r subspace (docs/benchmarks.md) at half fp32's
+            bytes.
+        layerwise: the step has one micro-batch, so backward reduces this layer's gradient with
+            `reduce` (a mean over data-parallel ranks), keeps only its top-r singular vectors and
+            frees it; one layer's gradient exists at a time.
+        `tokens`, the step's count over micro-batches and ranks, bounds the gradient's rank (see
+        projection_from)."""
+        if how not in ("exact", "offload", "layerwise"):
+            raise ValueError(f"unknown capture {how!r}")
+        self.capture, self.capture_tokens = how, tokens
+        self.reduce = (reduce or (lambda g: g)) if how == "layerwise" else None
+        if how == "exact":
             self.grad_buffer = torch.zeros(self.out_features, self.in_features, device=self.B.device)
-        self.capture = True
+        self.host_filled = False
 
     def capture_gradient(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
         """One micro-batch's dYᵀ·X (2-d: tokens x features), in float32."""
-        if self.reduce is None:
+        if self.capture == "exact":
             self.grad_buffer.addmm_(grad_out.float().T, x.float())
             return
-        grad = self.reduce(grad_out.float().T @ x.float())
-        if torch.isfinite(grad).all():
-            self.pending_projection = self.projection_from(grad)
-        else:  # the trainer's finite check on P stops the run before the merge
-            self.pending_projection = torch.full(self.projection_shape, float("nan"), device=grad.device)
+        grad = grad_out.float().T @ x.float()
+        if self.capture == "offload":
+            self._add_to_host(grad)
+            return
+        grad = self.reduce(grad)
+        if not torch.isfinite(grad).all():  # before anything merges it (the trainer says so, with the step)
+            raise FloatingPointError("the refresh gradient is not finite")
+        self.pending_projection = self.stored_projection(self.projection_from(grad))
+
+    def _add_to_host(self, grad: torch.Tensor) -> None:
+        """host_buffer (+)= grad. On a GPU the sum is taken there, in fp32, and copied back: the
+        copies are queued on the stream, so the host never waits and later kernels see them done."""
+        if not self.host_filled:
+            shape = (self.out_features, self.in_features)
+            self.host_buffer = torch.empty(shape, dtype=torch.bfloat16, pin_memory=grad.is_cuda)
+            self.host_buffer.copy_(grad, non_blocking=True)
+        elif grad.is_cuda:
+            total = self.host_buffer.to(grad.device, non_blocking=True).float().add_(grad)
+            self.host_buffer.copy_(total, non_blocking=True)
+        else:
+            self.host_buffer.add_(grad)
+        self.host_filled = True
 
     def take_gradient(self) -> torch.Tensor | None:
-        """The exact capture's gradient (None under layerwise capture); capturing ends."""
-        grad, self.grad_buffer, self.capture = self.grad_buffer, None, False
+        """The step's summed gradient of W in float32 on W's device, from an exact or offload
+        capture (None under layerwise capture, or when backward never reached this layer);
+        capturing ends."""
+        grad = self.grad_buffer
+        if self.capture == "offload" and self.host_filled:
+            grad = self.host_buffer.to(self.B.device, non_blocking=True).float()
+        self.grad_buffer, self.host_buffer, self.capture, self.host_filled = None, None, None, False
         return grad
 
-    def take_projection(self) -> torch.Tensor | None:
-        """The layerwise capture's new P (None under exact capture); capturing ends."""
-        p, self.pending_projection, self.capture = self.pending_projection, None, False
+    def stored_projection(self, p: torch.Tensor) -> torch.Tensor | NF4Tensor:
+        """P as this layer stores it: NF4 (quantize_projection) or dense in P's dtype. A layerwise
+        refresh holds every layer's new P from backward to the merge, so in this form: at 7B an
+        fp32 copy of every P would be several GB more."""
+        return NF4Tensor(p, **self.nf4) if self.quantize_projection else p.to(self.projection.dtype)
+
+    def take_projection(self) -> torch.Tensor | NF4Tensor | None:
+        """The layerwise capture's new P, as stored_projection made it (None under exact capture);
+        capturing ends."""
+        p, self.pending_projection, self.capture = self.pending_projection, None, None
         return p
 
     def projection_from(self, grad: torch.Tensor) -> torch.Tensor:
@@ -272,24 +315,26 @@ class LoQTLinear(nn.Module):
         b_current: torch.Tensor | None,
         grad: torch.Tensor | None,
         compensation_iters: int,
-        projection: torch.Tensor | None = None,
+        projection: torch.Tensor | NF4Tensor | None = None,
     ) -> torch.Tensor:
         """Merge s·B·P into W; refresh P (from `grad`'s SVD, or a `projection` already taken from
-        one); recompensate.
+        one, dense or as stored_projection made it); recompensate.
 
         Sets W (requantized) and P here and returns the new B for the caller's
         engine to install. `b_current` is B's full-precision value (the optimizer's
         master copy); None reads the parameter."""
         base = self.dense_weight()
         if self.quantize and self.initial_weight is not None:
-            base, self.initial_weight = self.initial_weight.to(base.device), None
+            base, self.initial_weight = self.initial_weight.to(base.device).float(), None
         w_fp = base + self.delta(b_current)
+        del base  # one dense temporary fewer while compensation runs
         p = self.projection_from(grad) if grad is not None else projection
-        if p is not None:
-            if self.quantize_projection:
-                self.projection_q.quantize_(p)
-            else:
-                self.projection.copy_(p)
+        if isinstance(p, NF4Tensor):
+            self.projection_q.copy_(p)
+        elif p is not None and self.quantize_projection:
+            self.projection_q.quantize_(p)
+        elif p is not None:
+            self.projection.copy_(p)
         if not self.quantize:  # LoQT-nq: the merge is exact, nothing to compensate
             self.weight_fp.copy_(w_fp)
             return torch.zeros_like(self.B, dtype=torch.float32)

@@ -197,7 +197,9 @@ class TrainerEstimate:
     step_temporaries: float  # what an optimizer step allocates besides its states
     activations: float  # saved for backward at the config's micro-batch
     refresh: float  # held on refresh steps on top of the steady peak (the gradient capture)
+    merge: float  # the merge's own peak, after the optimizer step (no activations or gradients left)
     graphs: float  # train.cuda_graphs: refresh steps' eager pass beside the recording's
+    host: float  # a GPU run's host memory at step 0: fp32 weights for compensation, offload buffers
 
     @property
     def steady(self) -> float:
@@ -206,11 +208,17 @@ class TrainerEstimate:
 
     @property
     def peak(self) -> float:
-        return self.steady + self.refresh + self.graphs
+        return max(self.steady + self.refresh + self.graphs, self.merge)
 
 
 def saved_activation_bytes(
-    shape: ModelShape, vocab: int, tokens: int, rank: int, low_rank: bool, width: float
+    shape: ModelShape,
+    vocab: int,
+    tokens: int,
+    rank: int,
+    low_rank: bool,
+    width: float,
+    checkpoint_width: float | None = None,
 ) -> float:
     """What transformers' LlamaForCausalLM (SDPA attention) saves for backward in this trainer,
     from its saved tensors (tests/test_memory.py checks it with saved_tensors_hooks, within 5 %):
@@ -220,24 +228,69 @@ def saved_activation_bytes(
     (4i), and the LoQT factors' r-wide intermediates (about 6r); then the final norm, and the
     loss's fp32 log-softmax plus, at the start of backward, the gradients of the logits: two fp32
     ones (log-softmax's incoming and outgoing gradient) and one in the compute dtype. (A count of
-    saved tensors cannot see those transients; GPU peaks show them, docs/gpu.md.)"""
+    saved tensors cannot see those transients; GPU peaks show them, docs/gpu.md.)
+
+    With activation checkpointing (`checkpoint_width`: the bytes of the residual stream's values,
+    the model's parameter dtype) only each block's input is kept; backward first runs through
+    the loss and the final norm, which free their part, and then recomputes one block's set at a
+    time, so the larger of the two counts (bench/bench_memory.py measures it)."""
     per_layer = 2 * shape.hidden * 4 + (6 * shape.hidden + 4 * shape.intermediate) * width
     if low_rank:
         per_layer += 6 * rank * width
-    final = shape.hidden * (4 + width)
-    logits = vocab * (4 + 4 + 4 + width)
-    return tokens * (shape.layers * per_layer + final + logits)
+    head = shape.hidden * (4 + width) + vocab * (4 + 4 + 4 + width)  # the final norm, the logits
+    if checkpoint_width is None:
+        return tokens * (shape.layers * per_layer + head)
+    return tokens * (shape.layers * shape.hidden * checkpoint_width + max(per_layer, head))
 
 
-def refresh_bytes(cfg: Config, mats: list[tuple[int, int]], ranks: list[int]) -> float:
-    """Extra bytes on a refresh step. Exact capture: every wrapped W's fp32 gradient, alive from the
-    first micro-batch to the merge. Layerwise: one layer's fp32 gradient and its SVD factors
-    (torch.linalg.svd, reduced: U m x k, Vh k x n, k = min(m, n)) at a time, inside backward."""
+def svd_bytes(mats: list[tuple[int, int]]) -> float:
+    """One layer's refresh at a time: its fp32 gradient and SVD factors (torch.linalg.svd, reduced:
+    U m x k, Vh k x n, k = min(m, n)), for the largest layer."""
+    return 4.0 * max(2 * m * n + m * m + m for m, n in mats)  # G and Vh (m x n), U (m x m), S
+
+
+def host_refresh_bytes(cfg: Config, mats: list[tuple[int, int]]) -> float:
+    """The offload capture's bf16 buffers in host memory, one per wrapped W, on refresh steps."""
+    if cfg.loqt.method == "full" or cfg.refresh_method() != "offload":
+        return 0.0
+    return 2.0 * sum(m * n for m, n in mats)
+
+
+def held_to_merge_bytes(cfg: Config, mats: list[tuple[int, int]], projections: float) -> float:
+    """What a refresh step holds on the device from backward to the merge. Exact capture: every
+    wrapped W's fp32 gradient. Offload: nothing on a GPU (the buffers are in host memory); on the
+    CPU, where host memory is the device's, the buffers. Layerwise: every layer's new P, as P is
+    stored (`projections`: the bytes of them all)."""
+    method = cfg.refresh_method()
     if cfg.loqt.method == "full":
         return 0.0
-    if not cfg.layerwise_refresh():
+    if method == "exact":
         return 4.0 * sum(m * n for m, n in mats)
-    return 4.0 * max(2 * m * n + m * m + m for m, n in mats)  # G and Vh (m x n), U (m x m), S
+    if method == "offload":
+        return 0.0 if cfg.scale.use_gpu else host_refresh_bytes(cfg, mats)
+    return projections
+
+
+def capture_bytes(cfg: Config, mats: list[tuple[int, int]]) -> float:
+    """One layer's transient inside a refresh step's backward. Offload: its fp32 dYᵀX, and on a GPU
+    the host buffer's sum brought over in fp32 and its bf16 copy back. Layerwise: its gradient and
+    SVD. Exact adds into its buffers in place."""
+    method, largest = cfg.refresh_method(), max(m * n for m, n in mats)
+    if cfg.loqt.method == "full" or method == "exact":
+        return 0.0
+    if method == "offload":
+        return (4 + 4 + 2) * largest if cfg.scale.use_gpu else 4.0 * largest
+    return svd_bytes(mats)
+
+
+def merge_temporaries(cfg: Config, mats: list[tuple[int, int]]) -> float:
+    """One layer's merge at a time, for the largest: the SVD of an exact or offload capture, then
+    W_fp and the dense temporaries of requantization and compensation, about eight fp32 copies of W
+    with NF4 (measured on the CPU), three for loqt-nq's exact merge."""
+    largest = max(m * n for m, n in mats)
+    dense = (8 if cfg.loqt.method == "loqt" else 3) * 4.0 * largest
+    at_merge = cfg.refresh_method() in ("exact", "offload")
+    return max(dense, svd_bytes(mats) if at_merge else 0.0)
 
 
 def graphs_bytes(cfg: Config, activations: float, gradients: float) -> float:
@@ -259,19 +312,23 @@ def step_temporaries(cfg: Config, largest: int, state_width: float) -> float:
     return 2 * state_width * largest
 
 
-def _frozen_bytes(cfg: Config, mats: list[tuple[int, int]], ranks: list[int], width: float) -> float:
-    """The wrapped matrices' W (NF4 with its quant state, or dense for loqt-nq) and P."""
-    method, block, dq = cfg.loqt.method, cfg.loqt.quant_block_size, cfg.loqt.double_quant
-    if method == "full":
+def _projection_bytes(cfg: Config, mats: list[tuple[int, int]], ranks: list[int], width: float) -> float:
+    """Every wrapped matrix's P as it is stored: NF4 with its quant state, or dense."""
+    if cfg.loqt.method == "full":
         return 0.0
     p_sizes = [m * r for (m, _), r in zip(mats, ranks, strict=True)]
-    if cfg.loqt.quantize_projection and method == "loqt":
-        frozen = sum(nf4_bytes(size, block, dq) for size in p_sizes)
-    else:
-        frozen = width * sum(p_sizes)
-    if method == "loqt":
-        return frozen + sum(nf4_bytes(m * n, block, dq) for m, n in mats)
-    return frozen + width * sum(m * n for m, n in mats)
+    if cfg.loqt.quantize_projection and cfg.loqt.method == "loqt":
+        return sum(nf4_bytes(size, cfg.loqt.quant_block_size, cfg.loqt.double_quant) for size in p_sizes)
+    return width * sum(p_sizes)
+
+
+def _frozen_weight_bytes(cfg: Config, mats: list[tuple[int, int]], width: float) -> float:
+    """The wrapped matrices' W: NF4 with its quant state, or dense for loqt-nq."""
+    if cfg.loqt.method == "full":
+        return 0.0
+    if cfg.loqt.method == "loqt":
+        return sum(nf4_bytes(m * n, cfg.loqt.quant_block_size, cfg.loqt.double_quant) for m, n in mats)
+    return width * sum(m * n for m, n in mats)
 
 
 def _optimizer_assumptions(cfg: Config, state_width: float) -> Assumptions:
@@ -290,7 +347,8 @@ def _engine_words(cfg: Config, width: float, master: float) -> str:
     )
     engine += f", {cfg.optim.name}, {'bf16' if width == 2 else 'fp32'} trainable values"
     engine += ", fp32 master copy" if master else ""
-    return engine + f", {'layerwise' if cfg.layerwise_refresh() else 'exact'} refresh"
+    engine += ", activation checkpointing" if cfg.train.activation_checkpointing else ""
+    return engine + f", {cfg.refresh_method()} refresh"
 
 
 def trainer_estimate(cfg: Config, batch: int | None = None) -> TrainerEstimate:
@@ -318,23 +376,66 @@ def trainer_estimate(cfg: Config, batch: int | None = None) -> TrainerEstimate:
     state_width = 4.0 if (master or width == 4.0) else width
     tokens = (batch or cfg.train.micro_batch_size) * cfg.data.seq_len
     compute = 2.0 if cfg.train.dtype == "bfloat16" else 4.0
+    checkpointed = width if cfg.train.activation_checkpointing else None
     activations = saved_activation_bytes(
-        shape, cfg.data.vocab_size, tokens, cfg.loqt.rank, cfg.loqt.method != "full", compute
+        shape, cfg.data.vocab_size, tokens, cfg.loqt.rank, cfg.loqt.method != "full", compute, checkpointed
     )
+    # Per-layer updates free each gradient inside backward; with one micro-batch per step only one
+    # exists at a time, with accumulation every gradient is held from the first micro-batch to the
+    # last. Otherwise every parameter's .grad exists during backward, and ZeRO reduces it through
+    # its bucket into the shard (ZeRO-1 stages it in fp32, ZeRO-2 in the values' width).
+    one_at_a_time = plain and cfg.train.grad_accum == 1
+    projections = _projection_bytes(cfg, mats, ranks, width)
+    weights = _frozen_weight_bytes(cfg, mats, width) + projections + width * count
+    states = adam_bytes(trainable, _optimizer_assumptions(cfg, state_width)) / shards
+    held = held_to_merge_bytes(cfg, mats, projections)
+    low_rank = cfg.loqt.method != "full"
     return TrainerEstimate(
         engine=_engine_words(cfg, width, master),
-        weights=_frozen_bytes(cfg, mats, ranks, width) + width * count,
+        weights=weights,
         master=master,
-        # Per-layer updates free each gradient inside backward; otherwise every parameter's .grad
-        # exists during backward, and ZeRO reduces it through its bucket into the shard (ZeRO-1
-        # stages it in fp32, ZeRO-2 in the values' width).
-        gradients=width * (max(trainable) if plain else count)
+        gradients=width * (max(trainable) if one_at_a_time else count)
         + (zero_bucket(count) * (4.0 if cfg.scale.zero_stage == 1 else width) if sharded else 0.0),
-        optimizer_states=adam_bytes(trainable, _optimizer_assumptions(cfg, state_width)) / shards,
+        optimizer_states=states,
         step_temporaries=step_temporaries(cfg, max(trainable), state_width),
         activations=activations,
-        refresh=refresh_bytes(cfg, mats, ranks),
+        refresh=held + capture_bytes(cfg, mats) if low_rank else 0.0,
+        merge=weights + master + states + held + merge_temporaries(cfg, mats) if low_rank else 0.0,
         graphs=graphs_bytes(cfg, activations, width * count),
+        host=host_bytes(cfg, mats),
+    )
+
+
+def host_bytes(cfg: Config, mats: list[tuple[int, int]]) -> float:
+    """What a GPU run holds in host memory at its peak, step 0 (0 on the CPU, where the device's
+    memory is the host's): the wrapped layers' weights before quantization (bf16), kept for step
+    0's compensation, and the offload capture's buffers of that first refresh."""
+    if not cfg.scale.use_gpu:
+        return 0.0
+    initial = 2.0 * sum(m * n for m, n in mats) if cfg.loqt.method == "loqt" else 0.0
+    return initial + host_refresh_bytes(cfg, mats)
+
+
+def host_memory_shortfall(cfg: Config, nodes: list[tuple[float, float]]) -> str | None:
+    """Why the nodes (each one's host memory in bytes and its GPUs) cannot hold the run's workers'
+    host memory at step 0, or None when they can: each node takes as many workers as both its
+    GPUs and its memory allow."""
+    need = trainer_estimate(cfg).host
+    if need == 0:
+        return None
+    per_gpu = cfg.scale.gpus_per_worker if cfg.scale.use_gpu else 0
+    placeable = sum(
+        min(int(memory // need), int(gpus // per_gpu) if per_gpu else cfg.scale.num_workers)
+        for memory, gpus in nodes
+    )
+    if placeable >= cfg.scale.num_workers:
+        return None
+    largest = max((memory for memory, _ in nodes), default=0.0)
+    return (
+        f"each worker needs {need / GIB:.1f} GiB of host memory at step 0 (the weights kept for "
+        f"compensation, and the refresh buffers of loqt.refresh={cfg.refresh_method()}), and the nodes "
+        f"hold {placeable} of the run's {cfg.scale.num_workers} worker(s) (the largest has "
+        f"{largest / GIB:.1f} GiB)"
     )
 
 
@@ -355,11 +456,14 @@ def trainer_table(e: TrainerEstimate, batch: int, seq: int) -> str:
         ("optimizer step temporaries", e.step_temporaries),
         (f"activations (batch {batch} x seq {seq})", e.activations),
         ("steady-step peak", e.steady),
-        ("+ refresh steps", e.refresh),
+        ("+ refresh steps (the gradient capture)", e.refresh),
+        ("merge, after the step (weights, states, capture, one layer's merge)", e.merge),
     ]
     if e.graphs:
         rows.append(("+ refresh steps' eager pass beside the CUDA graphs recording", e.graphs))
     rows.append(("refresh-step peak", e.peak))
+    if e.host:
+        rows.append(("host memory at step 0 (weights kept for compensation, offload buffers)", e.host))
     return "\n".join(["| GiB | this trainer |", "|---|---|"] + [f"| {k} | {v / GIB:.2f} |" for k, v in rows])
 
 

@@ -50,6 +50,18 @@ def build_model(
         return LlamaForCausalLM(llama_config(size, vocab_size, max_position_embeddings))
 
 
+def enable_activation_checkpointing(model: LlamaForCausalLM) -> None:
+    """Recompute each decoder block in backward (transformers' checkpointing, non-reentrant, so the
+    custom autograd nodes inside the blocks run their backward once, on the original graph).
+    Newer transformers releases call it activation checkpointing; older ones only have the
+    gradient_checkpointing_enable name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build_device(size: str, vocab_size: int, device: torch.device) -> torch.device:
     """Where to build a model that trains on `device`: that GPU when it has room for the dense fp32
     model with a quarter to spare (random init of a large model takes minutes on CPU cores and

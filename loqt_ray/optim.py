@@ -2,7 +2,8 @@
 
 AdamW (torch), 8-bit Adam (bitsandbytes), and per-layer updates: one optimizer
 per trainable tensor, stepped from a post-accumulate-grad hook that frees the
-gradient at once, so at most one tensor's gradient exists at a time (the
+gradient at once, so no step needs every gradient at once and, with one
+micro-batch per step, at most one tensor's gradient exists at a time (the
 paper's way to train 13B on one GPU).
 """
 
@@ -33,19 +34,27 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 
 class PerLayerOptimizer:
-    """One optimizer per trainable tensor, each stepped as soon as its gradient is ready.
+    """One optimizer per trainable tensor, each stepped as soon as its step's gradient is complete.
 
-    Clipping by the global norm is impossible here (no moment holds all
-    gradients), so a per-tensor norm clip is applied instead.
+    Under gradient accumulation a tensor's gradient accumulates in .grad over the step's
+    micro-batches as usual, and only the last micro-batch's backward (`stepping`, which the
+    engine sets) clips, steps and frees it as it lands: one optimizer step per step, at the
+    step's learning rate, on the whole step's gradient. (Stepping every micro-batch, as the
+    references' per-layer modes do, would take grad_accum optimizer steps on partial gradients.)
+    Clipping by the global norm is impossible here (no moment holds all gradients), so each
+    tensor's accumulated gradient is clipped to optim.grad_clip by its own norm.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float):
         self.cfg = cfg
         self.optimizers = {p: make_optimizer([p], cfg, lr) for p in params}
         self.lr = lr
+        self.stepping = True  # whether the backward under way completes the step's gradients
         self._handles = [p.register_post_accumulate_grad_hook(self._step_one) for p in params]
 
     def _step_one(self, p: torch.nn.Parameter) -> None:
+        if not self.stepping:  # a micro-batch before the step's last: its gradient accumulates
+            return
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p], self.cfg.grad_clip)
         opt = self.optimizers[p]

@@ -86,6 +86,16 @@ class NF4Tensor(nn.Module):
             else:
                 self.register_buffer(name, value)
 
+    def copy_(self, other: NF4Tensor) -> None:
+        """Take `other`'s value (same shape and settings), buffer by buffer."""
+        assert (other.shape, other.block_size, other.double_quant) == (
+            self.shape,
+            self.block_size,
+            self.double_quant,
+        )
+        for name, value in other._buffers.items():
+            self._buffers[name].copy_(value)
+
     def absmax_values(self) -> torch.Tensor:
         """Each block's absmax in float32 (undoing the double quantization, if any)."""
         if not self.double_quant:

@@ -24,7 +24,7 @@ from .data import IGNORE_INDEX, PackedSplit, SequenceStream, prepare, val_rows
 from .engine import Engine, PlainEngine
 from .graphs import StepGraphs, use_capture_stream
 from .loqt import apply_loqt, loqt_layers
-from .models import build_device, build_model
+from .models import build_device, build_model, enable_activation_checkpointing
 from .optim import lr_factor
 from .schedule import UpdateSchedule
 
@@ -68,13 +68,13 @@ def evaluate(
     return nll.item(), int(count)
 
 
+STOP_ADVICE = "the last checkpoint is kept: lower optim.lr or raise optim.warmup_steps and resume"
+
+
 def stop_if_not_finite(what: str, value: float, step: int) -> None:
     """Raise before a merge or a checkpoint could store the broken state."""
     if not math.isfinite(value):
-        raise FloatingPointError(
-            f"{what} is not finite ({value}) at step {step}; the last checkpoint is kept: "
-            "lower optim.lr or raise optim.warmup_steps and resume"
-        )
+        raise FloatingPointError(f"{what} is not finite ({value}) at step {step}; {STOP_ADVICE}")
 
 
 def mean_over_ranks(world_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -99,14 +99,13 @@ def merge_and_refresh(
         projection = None
         if refresh:
             grad = layer.take_gradient()
-            if grad is None:  # layerwise capture: backward already reduced it and took P
-                projection = layer.take_projection()
+            if grad is None:  # layerwise capture: backward already reduced it, checked it, took P
+                projection = layer.take_projection()  # None: backward never reached this layer
             else:
                 grad = mean_over_ranks(world_size)(grad)
                 stop_if_not_finite("the refresh gradient", float(grad.abs().max()), step)
                 projection = layer.projection_from(grad)
                 del grad
-            if projection is not None:  # None: backward never reached this layer; it keeps its P
                 stop_if_not_finite("the refresh gradient", float(projection.abs().max()), step)
         b = engine.full_precision(layer.B)
         stop_if_not_finite("B", float(b.abs().max()), step)
@@ -195,6 +194,9 @@ class Trainer:
             path=cfg.model.path,
             device=build_device(cfg.model.size, vocab, self.device),
         )
+        model.config.use_cache = False  # training: no key/value cache is built
+        if cfg.train.activation_checkpointing:  # before an engine wraps it; the wrapped layers too
+            enable_activation_checkpointing(model)
         self.model = apply_loqt(model, cfg.loqt, self.device).to(self.device)
         if not cfg.train.master_weights:  # 16-bit mode: NF4 buffers keep their own dtypes (quant.py)
             self.model.to(torch.bfloat16)
@@ -209,7 +211,7 @@ class Trainer:
         # 16-bit mode the parameters are bf16 already and autocast has nothing to do
         autocast = cfg.train.dtype == "bfloat16" and cfg.train.master_weights
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast)
-        self.capture_reduce = mean_over_ranks(world_size) if cfg.layerwise_refresh() else None
+        self.refresh_method = cfg.refresh_method()
         self.graphs = self._step_graphs(autocast) if cfg.train.cuda_graphs else None
         self.stream = SequenceStream(
             self.data.train, cfg.train.micro_batch_size, cfg.train.seed, rank, world_size
@@ -240,11 +242,16 @@ class Trainer:
         refresh = bool(self.layers) and self.schedule.is_refresh(step)
         if refresh:
             for layer in self.layers:
-                layer.start_capture(self.capture_reduce, self.tokens_per_step)
+                layer.start_capture(
+                    self.refresh_method, mean_over_ranks(self.world_size), self.tokens_per_step
+                )
         for _ in range(train.grad_accum):
             ids, labels = (to_device(t, self.device) for t in self.stream.next_batch())
             loss = self._loss(ids, labels, refresh) / train.grad_accum
-            self.engine.backward(loss)
+            try:
+                self.engine.backward(loss)
+            except FloatingPointError as exc:  # a layerwise refresh's gradient, checked in backward
+                raise FloatingPointError(f"{exc} at step {step + 1}; {STOP_ADVICE}") from None
             self._loss_sum += loss.detach().float()
         self._steps_summed += 1
         self._grad_norm = self.engine.step()

@@ -45,7 +45,12 @@ def test_defaults_and_overrides(tmp_path):
         ("", ["train.steps=-1"], "train.steps", ">= 1"),
         ("", ["scale.zero_stage=3"], "scale.zero_stage", "ZeRO-3"),
         ("", ["optim.per_layer=true", "scale.num_workers=2"], "optim.per_layer", "single worker"),
-        ("", ["optim.per_layer=true", "train.grad_accum=4"], "optim.per_layer", "gradient accumulation"),
+        (
+            "",
+            ["train.cuda_graphs=true", "scale.use_gpu=true", "train.activation_checkpointing=true"],
+            "train.cuda_graphs",
+            "train.activation_checkpointing=false",
+        ),
         ("model: 3\n", [], "model", "must be a mapping"),
         ("- a\n- b\n", [], "c.yaml", "top level must be a mapping"),
         ("a: [\n", [], "c.yaml", "not valid YAML"),

@@ -101,11 +101,14 @@ STEPS = 24
 @pytest.fixture(scope="module")
 def straight(ray_cluster, data_dir, tmp_path_factory):
     """The reference: 24 steps on 2 workers, checkpoint states every 6 (merges at 0, 4, 8, ...,
-    refreshes at 0, 8, 16). Returns (per-rank digest rows, rank 0's loss per step)."""
+    refreshes at 0, 8, 16, from the whole step's gradient summed in host buffers), with activation
+    checkpointing (the killed-worker run, without it, follows these losses). Returns (per-rank
+    digest rows, rank 0's loss per step)."""
     out = tmp_path_factory.mktemp("straight")
-    ranks = fit_digest_run(
-        two_worker_config(data_dir, out, "straight", STEPS, "train.checkpoint_every=6"), out
-    )
+    extra = ("train.checkpoint_every=6", "train.activation_checkpointing=true")
+    cfg = two_worker_config(data_dir, out, "straight", STEPS, *extra)
+    assert cfg.refresh_method() == "offload" and cfg.train.grad_accum == 2
+    ranks = fit_digest_run(cfg, out)
     losses = {
         row["step"]: row["loss"] for row in map(json.loads, (out / "loss0.jsonl").read_text().splitlines())
     }

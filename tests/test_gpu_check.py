@@ -30,6 +30,7 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
         "profile",
         "train_1b",
         "train_7b",
+        "checkpointing_7b",
         "svd",
         "graphs",
     ]
@@ -46,6 +47,12 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     big = steps["train_1b"]["result"]
     assert big["loqt_largest"]["recommended_micro_batch"] >= 1 and big["loqt_over_full_tokens_per_s"] > 0
     assert big["full"]["micro_batch"] == big["loqt"]["micro_batch"]  # speed compared at one micro-batch
+    big = steps["train_7b"]["result"]  # the job's real batch: accumulation, checkpointing, offload
+    assert (
+        big["tokens_per_step"] == 2 * 3 * 64 and big["updates_after_step_0"] == 0 and big["tokens_per_s"] > 0
+    )
+    checkpointing = steps["checkpointing_7b"]["result"]
+    assert checkpointing["on_over_off"] > 0 and checkpointing["micro_batch"] == 2
     deficient = steps["svd"]["result"]["tiny_16_tokens"]  # a gradient of rank 16, rank 32 asked
     assert deficient["tokens"] == 16 and deficient["trainer"]["subspace_kept"] == pytest.approx(1, abs=1e-4)
     svd = steps["svd"]["result"]["tiny"]

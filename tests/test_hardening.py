@@ -190,6 +190,19 @@ CASES = [
     ),
     ("memory gpu size", lambda d, run, data: ["memory", "--model", "7b", "--gpu-gb", "0"], "--gpu-gb"),
     ("empty config", lambda d, run, data: ["train", "--config", f"{d}/empty.txt"], "config file is empty"),
+    (
+        "host memory",  # 13B's bf16 weights kept for step 0 and its offloaded refresh: 47 GiB
+        lambda d, run, data: _train(
+            "model.size=13b",
+            "loqt.rank=512",
+            "scale.use_gpu=true",
+            "train.dtype=bfloat16",
+            "train.grad_accum=2",
+            f"data.data_dir={data}",
+            f"train.output_dir={d}/runs",
+        ),
+        "loqt.refresh: each worker needs 47.3 GiB of host memory",
+    ),
 ]
 
 

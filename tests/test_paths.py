@@ -21,6 +21,11 @@ PATHS = {
     "per-layer 8-bit Adam, 16-bit": [
         "optim.per_layer=true", "optim.name=adam8bit", "train.dtype=bfloat16", "train.master_weights=false",
     ],
+    "per-layer AdamW, accumulation, activation checkpointing, offload refresh": [
+        "optim.per_layer=true", "train.grad_accum=3", "train.activation_checkpointing=true",
+        "loqt.refresh=offload",
+    ],
+    "accumulation, exact refresh": ["train.grad_accum=2", "loqt.refresh=exact"],
 }  # fmt: skip
 
 

@@ -234,3 +234,108 @@ def test_cuda_graphs_on_a_machine_without_cuda_train_eagerly_and_say_so(data_dir
     trainer.train()
     assert trainer.graphs is None and trainer.step == 2
     assert "train.cuda_graphs: no CUDA device here; training eagerly" in capsys.readouterr().err
+
+
+def losses_of(cfg) -> tuple:
+    from loqt_ray.trainer import Trainer
+
+    trainer, rows = Trainer(cfg), []
+    trainer.train(rows.append)
+    return trainer, [row["train_loss"] for row in rows]
+
+
+CHECKPOINTED = {
+    "loqt, exact refresh, accumulation": ["loqt.refresh=exact", "train.grad_accum=2"],
+    "loqt, offload refresh, accumulation": ["loqt.refresh=offload", "train.grad_accum=2"],
+    "loqt, layerwise refresh": ["loqt.refresh=layerwise"],
+    "full-rank": ["loqt.method=full"],
+    "per-layer AdamW, accumulation": ["optim.per_layer=true", "train.grad_accum=2"],
+    "16-bit, per-layer 8-bit Adam": [
+        "optim.per_layer=true", "optim.name=adam8bit", "train.dtype=bfloat16", "train.master_weights=false",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CHECKPOINTED)
+def test_activation_checkpointing_recomputes_without_changing_the_losses(data_dir, path):
+    """Recomputing each block in backward gives the step the same gradients, refreshes and merges
+    included (7 steps, merges at 0, 3, 6): the losses of a run with it equal one without."""
+
+    def run(checkpointing: bool):
+        cfg = nano_config(
+            data_dir, "loqt.update_interval=3", "train.steps=7", "train.micro_batch_size=4",
+            "train.log_every=1", "train.eval_every=7", f"train.activation_checkpointing={checkpointing}",
+            *CHECKPOINTED[path],
+        )  # fmt: skip
+        return losses_of(cfg)
+
+    on, on_losses = run(True)
+    off, off_losses = run(False)
+    assert on.model.model.gradient_checkpointing and not off.model.model.gradient_checkpointing
+    assert on_losses == pytest.approx(off_losses, rel=1e-5, abs=1e-6)
+    assert on_losses[-1] < on_losses[0]
+
+
+@pytest.mark.parametrize("refresh", ["exact", "offload", "layerwise"])
+def test_a_recomputed_block_captures_each_layers_gradient_once_per_backward(data_dir, refresh):
+    """The recompute runs each block's forward a second time; the gradient capture happens in the
+    original nodes' backward, once per micro-batch, never again for the recomputed graph."""
+    from loqt_ray.trainer import Trainer
+
+    accum = 1 if refresh == "layerwise" else 3
+    cfg = nano_config(
+        data_dir, f"loqt.refresh={refresh}", f"train.grad_accum={accum}", "train.micro_batch_size=2",
+        "train.activation_checkpointing=true", "train.steps=2",
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    calls = {}
+    for name, layer in trainer.named_layers:
+        original = layer.capture_gradient
+        layer.capture_gradient = lambda g, x, name=name, original=original: (
+            calls.__setitem__(name, calls.get(name, 0) + 1),
+            original(g, x),
+        )
+    trainer.train_step()  # step 0: a refresh
+    assert calls == {name: accum for name, _ in trainer.named_layers}
+
+
+@pytest.mark.parametrize(("name", "tolerance"), [("adamw", 1e-5), ("adam8bit", 1e-4)])
+def test_per_layer_updates_under_accumulation_follow_the_plain_optimizer(data_dir, name, tolerance):
+    """Four micro-batches a step: each tensor's gradient accumulates over all four and is stepped
+    once, in the last one's backward, at the step's lr: the same run as the plain optimizer's."""
+
+    def run(per_layer: bool):
+        cfg = nano_config(
+            data_dir, f"optim.name={name}", f"optim.per_layer={per_layer}", "train.grad_accum=4",
+            "scale.zero_stage=0", "loqt.update_interval=3", "train.steps=7", "train.micro_batch_size=2",
+            "train.log_every=1", "train.eval_every=7", "optim.lr=1e-2",
+        )  # fmt: skip
+        from loqt_ray.trainer import Trainer
+
+        trainer, rows = Trainer(cfg), []
+        trainer.train(rows.append)
+        return trainer, rows
+
+    per_layer, per_layer_rows = run(True)
+    plain, plain_rows = run(False)
+    assert [r["lr"] for r in per_layer_rows] == [r["lr"] for r in plain_rows]
+    assert [r["train_loss"] for r in per_layer_rows] == pytest.approx(
+        [r["train_loss"] for r in plain_rows], rel=tolerance
+    )
+    steps = {int(s["step"]) for opt in per_layer.engine._optimizers for s in opt.state.values()}
+    assert steps == {7}  # one optimizer step per step, not one per micro-batch
+
+
+def test_an_offloaded_refresh_under_accumulation_trains_as_the_exact_one(data_dir):
+    """The whole step's gradient summed in bf16 host buffers gives the refreshes exact's subspace:
+    the run follows the exact run's losses (bf16 sums move P's weakest directions a little)."""
+    _, exact = losses_of(nano_config(
+        data_dir, "loqt.refresh=exact", "train.grad_accum=3", "loqt.update_interval=3", "train.steps=9",
+        "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=9",
+    ))  # fmt: skip
+    trainer, offload = losses_of(nano_config(
+        data_dir, "loqt.refresh=offload", "train.grad_accum=3", "loqt.update_interval=3", "train.steps=9",
+        "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=9",
+    ))  # fmt: skip
+    assert offload == pytest.approx(exact, rel=2e-3)
+    assert all(layer.host_buffer is None and layer.grad_buffer is None for layer in trainer.layers)
