@@ -32,8 +32,8 @@ from types import SimpleNamespace
 from recipe import write_result
 
 from loqt_ray.config import read_yaml
-from loqt_ray.results import leaderboard
-from loqt_ray.sweep import run_sweep
+from loqt_ray.leaderboard import leaderboard
+from loqt_ray.tune_run import run_sweep
 
 GRACE_EVALS = (1, 2, 3, 4)  # grace periods in evaluations
 FACTORS = (2, 3, 4)

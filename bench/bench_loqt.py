@@ -19,7 +19,7 @@ from recipe import tiny_recipe, write_result
 
 from loqt_ray.config import load_config
 from loqt_ray.engine import PlainEngine, held_bytes, optimizer_tensors
-from loqt_ray.trainer import train
+from loqt_ray.trainer import Trainer
 
 VARIANTS = {
     "full-rank AdamW": ["loqt.method=full"],
@@ -83,7 +83,7 @@ def main() -> None:
     for name, overrides in VARIANTS.items():
         cfg = load_config(None, base + overrides)
         start = time.perf_counter()
-        final = train(cfg, make_engine=GaLoreEngine if name == "GaLore" else PlainEngine)
+        final = Trainer(cfg, make_engine=GaLoreEngine if name == "GaLore" else PlainEngine).train()
         final.update(variant=name, wall_s=time.perf_counter() - start)
         rows.append(final)
         print(

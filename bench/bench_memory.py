@@ -110,7 +110,6 @@ def run_case(overrides: list[str]) -> dict:
     from loqt_ray.config import load_config
     from loqt_ray.data import prepare
     from loqt_ray.engine import tensor_bytes
-    from loqt_ray.launch import engine_for
     from loqt_ray.memory import GIB
     from loqt_ray.trainer import Trainer
 
@@ -120,7 +119,7 @@ def run_case(overrides: list[str]) -> dict:
     sampler = PeakSampler()
     before = rss()
     sampler.start()
-    trainer = Trainer(cfg, make_engine=engine_for(cfg))
+    trainer = Trainer(cfg)
     peaks = [sampler.take()]  # building
     built = tensor_bytes(trainer.model.state_dict().values())
     built += tensor_bytes(

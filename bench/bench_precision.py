@@ -14,7 +14,7 @@ import argparse
 from recipe import tiny_recipe, write_result
 
 from loqt_ray.config import load_config
-from loqt_ray.trainer import train
+from loqt_ray.trainer import Trainer
 
 VARIANTS = {
     "fp32 master values (autocast bf16)": ["train.master_weights=true"],
@@ -34,7 +34,7 @@ def main() -> None:
         "optim.name=adam8bit",
         "optim.per_layer=true",
     ]
-    rows = {name: train(load_config(None, base + extra)) for name, extra in VARIANTS.items()}
+    rows = {name: Trainer(load_config(None, base + extra)).train() for name, extra in VARIANTS.items()}
     reference = rows[next(iter(VARIANTS))]
     lines = ["| variant | val ppl | ppl / fp32 master | tokens/s | weights MB | optimizer state MB |",
              "|---|---|---|---|---|---|"]  # fmt: skip

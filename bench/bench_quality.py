@@ -27,9 +27,9 @@ from bench_loqt import GaLoreEngine
 from recipe import write_result
 
 from loqt_ray.config import DEFAULT_LR, load_config
-from loqt_ray.results import leaderboard
-from loqt_ray.sweep import run_sweep
-from loqt_ray.trainer import train
+from loqt_ray.leaderboard import leaderboard
+from loqt_ray.trainer import Trainer
+from loqt_ray.tune_run import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEPT = {
@@ -98,7 +98,7 @@ def galore(steps: int, lrs: list[float], work: Path) -> dict[tuple, float]:
                 [*overrides, f"train.steps={steps}", f"train.eval_every={steps}", f"train.log_every={steps}",
                  f"optim.lr={lr}", f"train.seed={seed}", f"train.output_dir={work / 'galore-runs'}"],
             )  # fmt: skip
-            done[key] = train(cfg, make_engine=GaLoreEngine)["val_ppl"]
+            done[key] = Trainer(cfg, make_engine=GaLoreEngine).train()["val_ppl"]
             cache.write_text(json.dumps(done))
             print(f"galore {steps} steps lr {lr} seed {seed}: val ppl {done[key]:.2f}", file=sys.stderr)
     return {(float(k.split("/")[0]), int(k.split("/")[1])): v for k, v in done.items()}

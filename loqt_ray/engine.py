@@ -18,12 +18,14 @@ The trainer drives every engine through the same calls, once per optimizer step:
 - `full_precision(p)`: the value the optimizer steps (its master copy), as a float32 tensor.
 - `set_param(p, value)`: installs a new value everywhere the engine keeps one (master copy
   and forward copy), as a merge does for B.
-- `state_dict()` / `load_state_dict(state)`: trainable values and optimizer state as plain
-  tensors (checkpoint.py stores them; weights_only loads them).
+- `state_dict()` / `load_state_dict(state)`: {"params": {name: fp32 value}, "optimizer": {name:
+  that parameter's optimizer state}}, keyed by parameter name and encoded alike by every engine
+  and ZeRO stage, as plain tensors and numbers (checkpoint.py stores them; weights_only loads
+  them; a checkpoint of one engine loads into another).
 - `state_bytes()`: bytes of weights, gradients and optimizer state as this engine holds them.
 
 PlainEngine is the single-process torch implementation; distributed.DeepSpeedEngine is
-the DeepSpeed ZeRO one.
+the DeepSpeed ZeRO one; `engine_for(cfg)` is the one `loqt-ray train` runs for a config.
 """
 
 from __future__ import annotations
@@ -56,6 +58,42 @@ class Engine(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
     def state_bytes(self) -> dict: ...
+
+
+def engine_for(cfg: Config):
+    """The engine class `loqt-ray train` runs for `cfg`: DeepSpeed, except under per-layer updates
+    (single-worker, stepped inside backward), which the plain engine runs."""
+    if cfg.optim.per_layer:
+        return PlainEngine
+    from .distributed import DeepSpeedEngine
+
+    return DeepSpeedEngine
+
+
+def trainable(model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Parameter]]:
+    """The names and parameters an engine trains, in the model's order."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [name for name, _ in named], [p for _, p in named]
+
+
+def _on_cpu(value):
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    return {k: _on_cpu(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, dict]:
+    """A torch optimizer's per-parameter state (for its params, in the order of `names`) by name."""
+    by_index = optimizer.state_dict()["state"]
+    return {name: _on_cpu(by_index[i]) for i, name in enumerate(names) if i in by_index}
+
+
+def load_named_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], state: dict) -> None:
+    """named_optimizer_state's inverse, through the optimizer's own load_state_dict (which casts and
+    moves each state like its parameter)."""
+    groups = optimizer.state_dict()["param_groups"]
+    by_index = {i: state[name] for i, name in enumerate(names) if name in state}
+    optimizer.load_state_dict({"state": by_index, "param_groups": groups})
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -92,7 +130,7 @@ class PlainEngine:
 
     def __init__(self, model: torch.nn.Module, cfg: Config):
         self.model, self.cfg = model, cfg
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.names, self.params = trainable(model)
         if cfg.optim.per_layer:
             self.optimizer = PerLayerOptimizer(self.params, cfg.optim, cfg.peak_lr())
         else:
@@ -136,15 +174,25 @@ class PlainEngine:
             param.copy_(value)
 
     def state_dict(self) -> dict:
-        return {
-            "params": [p.detach().cpu().clone() for p in self.params],
-            "optimizer": self.optimizer.state_dict(),
+        if isinstance(self.optimizer, PerLayerOptimizer):
+            optimizer = {}
+            for name, p in zip(self.names, self.params, strict=True):
+                optimizer.update(named_optimizer_state(self.optimizer.optimizers[p], [name]))
+        else:
+            optimizer = named_optimizer_state(self.optimizer, self.names)
+        params = {
+            name: p.detach().float().cpu().clone() for name, p in zip(self.names, self.params, strict=True)
         }
+        return {"params": params, "optimizer": optimizer}
 
     def load_state_dict(self, state: dict) -> None:
-        for p, value in zip(self.params, state["params"], strict=True):
-            self.set_param(p, value)
-        self.optimizer.load_state_dict(state["optimizer"])
+        for name, p in zip(self.names, self.params, strict=True):
+            self.set_param(p, state["params"][name])
+        if isinstance(self.optimizer, PerLayerOptimizer):
+            for name, p in zip(self.names, self.params, strict=True):
+                load_named_optimizer_state(self.optimizer.optimizers[p], [name], state["optimizer"])
+        else:
+            load_named_optimizer_state(self.optimizer, self.names, state["optimizer"])
 
     def state_bytes(self) -> dict:
         return held_bytes(self.model, self.params, optimizer_tensors(self._optimizers), self._optimizers)

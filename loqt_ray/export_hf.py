@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, results
-from .config import Config, ConfigError, load_config
+from . import checkpoint, rundir
+from .config import Config, ConfigError, load_config, make_config
 from .loqt import LoQTLinear, apply_loqt, loqt_layers
 from .models import build_model
 
@@ -22,37 +22,42 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_trained(source: str | Path) -> tuple[Config, nn.Module, object]:
-    """The run's config, its model with the checkpoint's values, and its tokenizer."""
+    """The run's config, its model with the checkpoint's values (matched by parameter name), and
+    its tokenizer. The config is the run directory's config.yaml, or a bare checkpoint's own."""
     from .data import load_tokenizer, prepare
 
     state_path = checkpoint.find(source)
-    candidates = (state_path.parent / results.CONFIG_FILE, state_path.parent.parent / results.CONFIG_FILE)
-    config_path = next((path for path in candidates if path.is_file()), None)
-    if config_path is None:
-        raise ConfigError(str(state_path), "no config.yaml in its run directory to rebuild the model from")
-    cfg = load_config(config_path)
     state = checkpoint.read(state_path)
-    saved = config_path.parent / results.TOKENIZER_DIR  # written by `loqt-ray train`; sweep trials rebuild it
+    candidates = (state_path.parent / rundir.CONFIG_FILE, state_path.parent.parent / rundir.CONFIG_FILE)
+    config_path = next((path for path in candidates if path.is_file()), None)
+    if config_path is not None:
+        cfg, where = load_config(config_path), str(config_path)
+    elif "config" in state:
+        cfg, where = make_config(state["config"]), f"{state_path}'s own config"
+    else:
+        raise ConfigError(str(state_path), "no config.yaml in its run directory to rebuild the model from")
+    saved = (config_path or state_path).parent / rundir.TOKENIZER_DIR  # sweep trials rebuild theirs
     tokenizer = load_tokenizer(saved) if saved.is_dir() else prepare(cfg.data).tokenizer
     model = apply_loqt(
         build_model(cfg.model.size, len(tokenizer), cfg.model.max_position_embeddings, path=cfg.model.path),
         cfg.loqt,
     )
-    params = [p for p in model.parameters() if p.requires_grad]
-    values = state["engine"].get("params", [])
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     try:
+        state = checkpoint.upgrade(state, list(named))
         checkpoint.load_buffers(model, state["buffers"])
-        if len(values) != len(params) or any(v.shape != p.shape for v, p in zip(values, params, strict=True)):
-            raise ValueError("its trainable values have other shapes")
+        values = state["params"]
+        if set(values) != set(named) or any(values[n].shape != p.shape for n, p in named.items()):
+            raise ValueError("its trainable values have other names or shapes")
     except ValueError as exc:
         raise ConfigError(
             str(state_path),
-            f"does not fit the model in {config_path} ({cfg.model.size}, "
+            f"does not fit the model of {where} ({cfg.model.size}, "
             f"loqt {cfg.loqt.method} rank {cfg.loqt.rank}): {exc}",
         ) from None
     with torch.no_grad():
-        for p, v in zip(params, values, strict=True):
-            p.copy_(v)
+        for name, p in named.items():
+            p.copy_(values[name])
     return cfg, model, tokenizer
 
 

@@ -66,13 +66,6 @@ class PerLayerOptimizer:
     def set_lr(self, lr: float) -> None:
         self.lr = lr
 
-    def state_dict(self) -> list[dict]:
-        return [opt.state_dict() for opt in self.optimizers.values()]
-
-    def load_state_dict(self, states: list[dict]) -> None:
-        for opt, state in zip(self.optimizers.values(), states, strict=True):
-            opt.load_state_dict(state)
-
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from . import results
+from . import rundir
 
 LOG_EVERY_S = 15.0  # status lines in a non-terminal log (`ray job logs`)
 REFRESH_EVERY_S = 2.0  # the bar on a terminal
@@ -88,9 +88,9 @@ class RunProgress(Periodic):
     ):
         from tqdm import tqdm
 
-        self.path = out / results.METRICS_FILE
+        self.path = out / rundir.METRICS_FILE
         self.stream = stream or sys.stderr
-        previous = results.read_metrics(out)
+        previous = rundir.read_metrics(out)
         self.bar = tqdm(
             total=total,
             # not the log's last step: a rerun's rank 0 cuts the log back to the checkpoint, and a
@@ -131,7 +131,7 @@ class RunProgress(Periodic):
         self.bar.set_postfix(shown)
 
     def _group_starts(self) -> int:
-        return len({row["time"] for row in results.read_workers(self.out)})
+        return len({row["time"] for row in rundir.read_workers(self.out)})
 
     def _say_restarts(self) -> None:
         """A worker group started after this command's first one: Ray restarted it after a failure."""

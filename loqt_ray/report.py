@@ -17,7 +17,8 @@ import warnings
 from pathlib import Path
 
 from .config import ConfigError, read_yaml
-from .results import REPORT_DIR, SPACE_FILE, SWEEP_FILE, format_value, leaderboard, leaderboard_markdown
+from .leaderboard import format_value, leaderboard, leaderboard_markdown
+from .rundir import REPORT_DIR, SPACE_FILE, SWEEP_FILE
 from .search_space import parse_space
 
 MIN_TRIALS_FOR_IMPORTANCE = 3

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, from_dict, read_yaml, validate
+from .config import Config, ConfigError, make_config, read_yaml
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "int")
 LISTED = ("choice", "grid")  # distributions over the values listed, not a [low, high] range
@@ -42,20 +42,9 @@ class Param:
     def corners(self) -> tuple:
         return self.values if self.kind in LISTED else (self.values[0], self.values[1])
 
-    def tune(self):
-        from ray import tune
-
-        if self.kind == "choice":
-            return tune.choice(list(self.values))
-        if self.kind == "grid":
-            return tune.grid_search(list(self.values))
-        low, high = self.values
-        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "int": tune.randint}[self.kind](
-            low, high + 1 if self.kind == "int" else high
-        )  # randint's upper bound is exclusive
-
     def optuna(self):
-        """The same distribution for Optuna, which the sweep report rebuilds its study with."""
+        """The distribution for Optuna, which the sweep report rebuilds its study with (tune_run.py
+        makes Ray Tune's domain of it)."""
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
         if self.kind in LISTED:
@@ -117,9 +106,7 @@ def apply_params(base: dict, values: dict[str, Any]) -> Config:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    cfg = from_dict(Config, data)
-    validate(cfg)
-    return cfg
+    return make_config(data)
 
 
 def check_space(params: list[Param], base: dict, space_path: str | Path) -> None:

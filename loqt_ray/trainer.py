@@ -1,9 +1,9 @@
 """The per-worker training loop: the same for one process or N data-parallel ranks.
 
-`Trainer` builds a worker's data, model and engine from the config; `train_step` runs
-one optimizer step (micro-batches, the step, a merge on the schedule's update steps);
-`train` loops, evaluates, reports and checkpoints. Metrics leave through a `report`
-callback and checkpoint states through `save`, so this module imports no Ray.
+`Trainer` builds a worker's data, model and engine from the config (the engine `loqt-ray
+train` runs for it, unless told otherwise); `train_step` runs one optimizer step
+(micro-batches, the step, a merge on the schedule's update steps); `train` loops, evaluates
+and hands results to a `Sink`, so this module imports no Ray.
 """
 
 from __future__ import annotations
@@ -21,15 +21,51 @@ import torch.nn.functional as F
 from .checkpoint import Checkpointer
 from .config import Config
 from .data import IGNORE_INDEX, PackedSplit, SequenceStream, prepare, val_rows
-from .engine import Engine, PlainEngine
+from .engine import Engine, engine_for
 from .graphs import StepGraphs, use_capture_stream
 from .loqt import apply_loqt, loqt_layers
 from .models import build_device, build_model, enable_activation_checkpointing
 from .optim import lr_factor
 from .schedule import UpdateSchedule
 
-Report = Callable[[dict], None]
-Save = Callable[[dict], None]
+
+class Sink:
+    """Where a training loop's results go; the trainer calls these on every rank.
+
+    - `step_done(step, seconds)` after every optimizer step, with its host time;
+    - `log(metrics)` for each logged step (every log_every and eval_every step) that is not a
+      checkpoint step;
+    - `checkpoint(metrics, state)` for each checkpoint step (every train.checkpoint_every steps
+      and the last one): its metrics, and `state()`, which builds its checkpoint state. Building
+      it is a collective under ZeRO, so a sink that keeps states calls it on every rank.
+
+    This base class keeps nothing: a checkpoint step is logged like any other."""
+
+    def step_done(self, step: int, seconds: float) -> None:
+        pass
+
+    def log(self, metrics: dict) -> None:
+        pass
+
+    def checkpoint(self, metrics: dict, state: Callable[[], dict]) -> None:
+        self.log(metrics)
+
+
+class Collect(Sink):
+    """In-process runs (tests, benchmarks): every logged step's metrics appended to `rows`, and
+    each checkpoint step's state, when `on_state` is given, handed to it."""
+
+    def __init__(self, rows: list | None = None, on_state: Callable[[dict], object] | None = None):
+        self.rows = [] if rows is None else rows
+        self.on_state = on_state
+
+    def log(self, metrics: dict) -> None:
+        self.rows.append(metrics)
+
+    def checkpoint(self, metrics: dict, state: Callable[[], dict]) -> None:
+        if self.on_state is not None:
+            self.on_state(state())
+        self.log(metrics)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -172,7 +208,7 @@ def all_reduce_sum(values: list[float], device: torch.device, world_size: int) -
 class Trainer:
     """One worker's model, engine and data stream, built from the config."""
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, make_engine: Callable = PlainEngine):
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, make_engine: Callable | None = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         use_cuda = cfg.scale.use_gpu and torch.cuda.is_available()
         if cfg.scale.use_gpu and not use_cuda:  # a GPU Ray declared (or a CPU-only torch): say so
@@ -204,7 +240,7 @@ class Trainer:
         self.named_layers = loqt_layers(self.model)
         self.layers = [layer for _, layer in self.named_layers]
         self.schedule = UpdateSchedule(cfg.loqt, cfg.train.steps)
-        self.engine: Engine = make_engine(self.model, cfg)
+        self.engine: Engine = (make_engine or engine_for(cfg))(self.model, cfg)
         if use_cuda:  # the peak a run logs is training's, not the dense model a GPU build held
             torch.cuda.reset_peak_memory_stats(self.device)
         # bf16 compute with fp32 parameters (the optimizer keeps full-precision values); in the
@@ -217,7 +253,7 @@ class Trainer:
             self.data.train, cfg.train.micro_batch_size, cfg.train.seed, rank, world_size
         )
         self.eval_rows = val_rows(self.data.val, cfg.train.eval_tokens, rank, world_size)
-        self.checkpointer = Checkpointer(self.model, self.engine, self.stream)
+        self.checkpointer = Checkpointer(cfg, self.model, self.engine, self.stream)
         train = cfg.train
         self.tokens_per_step = train.micro_batch_size * train.grad_accum * world_size * cfg.data.seq_len
         self.step = 0
@@ -336,24 +372,20 @@ class Trainer:
         nll, count = all_reduce_sum([nll, count], self.device, self.world_size)
         return {"val_loss": nll / count, "val_ppl": math.exp(nll / count)}
 
-    def train(self, report: Report | None = None, save: Save | None = None) -> dict:
-        """Run to train.stop_at_step (or train.steps); return the last metrics with the state bytes.
-
-        `report(metrics)` gets every logged step (every log_every and eval_every step, checkpoint
-        steps and the last one); `save(state)` in addition gets a checkpoint state, right before
-        the report of its step, every train.checkpoint_every steps and at the last step. Both are
-        called on every rank."""
-        report = report or (lambda metrics: None)
+    def train(self, sink: Sink | None = None) -> dict:
+        """Run to train.stop_at_step (or train.steps), handing results to `sink`; return the last
+        metrics with the state bytes."""
+        sink = sink or Sink()
         train = self.cfg.train
         stop = train.stop_at_step or train.steps
         metrics: dict = {}
         while self.step < stop:
+            start = time.perf_counter()
             self.train_step()
             done = self.step
+            sink.step_done(done, time.perf_counter() - start)
             last = done == stop
-            checkpoint = save is not None and (
-                last or (train.checkpoint_every and done % train.checkpoint_every == 0)
-            )
+            checkpoint = last or (train.checkpoint_every and done % train.checkpoint_every == 0)
             evaluation = last or done % train.eval_every == 0
             if not (evaluation or checkpoint or done % train.log_every == 0):
                 continue
@@ -361,23 +393,8 @@ class Trainer:
             if evaluation:
                 metrics.update(self.evaluate())
             if checkpoint:
-                save(self.checkpointer.state(done, self.counters))
-            report(metrics)
+                sink.checkpoint(metrics, lambda done=done: self.checkpointer.state(done, self.counters))
+            else:
+                sink.log(metrics)
         metrics.update(self.engine.state_bytes())
         return metrics
-
-
-def train(
-    cfg: Config,
-    report: Report | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    make_engine: Callable = PlainEngine,
-    resume: dict | None = None,
-    save: Save | None = None,
-) -> dict:
-    """Build a Trainer, resume it from a checkpoint state if given, and train."""
-    trainer = Trainer(cfg, rank, world_size, make_engine)
-    if resume is not None:
-        trainer.resume(resume)
-    return trainer.train(report, save)

@@ -54,19 +54,20 @@ NANO_RUN = [
 def train_in_process(cfg):
     """A run directory as `loqt-ray train` leaves it (config, tokenizer, metrics, checkpoint_*),
     trained in this process with the plain engine: no Ray. Returns (run dir, last metrics)."""
-    from loqt_ray import checkpoint, results
-    from loqt_ray.trainer import Trainer
+    from loqt_ray import checkpoint, rundir
+    from loqt_ray.engine import PlainEngine
+    from loqt_ray.trainer import Collect, Trainer
 
-    out = results.run_dir(cfg)
-    trainer = Trainer(cfg)
-    results.start_run(out, cfg, trainer.data.tokenizer)
+    out = rundir.run_dir(cfg)
+    trainer = Trainer(cfg, make_engine=PlainEngine)
+    rundir.start_run(out, cfg, trainer.data.tokenizer)
     rows = []
 
     def save(state):
         checkpoint.write(out / f"checkpoint_{state['step']:06d}", state)
 
-    final = trainer.train(rows.append, save)
-    (out / results.METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    final = trainer.train(Collect(rows, save))
+    (out / rundir.METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
     return out, final
 
 

@@ -1,6 +1,7 @@
 """checkpoint.py with the plain engine, no Ray: format, finding the latest, validation, exact resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from conftest import nano_config
 
 from loqt_ray import checkpoint
 from loqt_ray.config import ConfigError
-from loqt_ray.trainer import Trainer
+from loqt_ray.engine import PlainEngine
+from loqt_ray.trainer import Collect, Trainer
 
 
 def nano(data_dir, *extra):
@@ -24,12 +26,14 @@ def losses(rows):
 
 def test_save_at_half_then_restore_in_a_new_trainer_equals_the_straight_run(data_dir, tmp_path):
     straight_rows = []
-    straight = Trainer(nano(data_dir))
-    straight.train(straight_rows.append)
+    straight = Trainer(nano(data_dir), make_engine=PlainEngine)
+    straight.train(Collect(straight_rows))
 
     first_rows, saved = [], []
-    first = Trainer(nano(data_dir, "train.stop_at_step=6", "train.checkpoint_every=3"))
-    first.train(first_rows.append, saved.append)
+    first = Trainer(
+        nano(data_dir, "train.stop_at_step=6", "train.checkpoint_every=3"), make_engine=PlainEngine
+    )
+    first.train(Collect(first_rows, saved.append))
     assert [state["step"] for state in saved] == [3, 6]
     for state in saved:
         checkpoint.write(tmp_path / f"checkpoint_{state['step']}", state)
@@ -37,10 +41,10 @@ def test_save_at_half_then_restore_in_a_new_trainer_equals_the_straight_run(data
     newest = checkpoint.latest(tmp_path)
     assert newest == tmp_path / "checkpoint_6" and checkpoint.step_of(newest) == 6
     resumed_rows = []
-    resumed = Trainer(nano(data_dir))
+    resumed = Trainer(nano(data_dir), make_engine=PlainEngine)
     resumed.resume(checkpoint.read(newest / checkpoint.STATE_FILE))
     assert resumed.step == 6 and resumed.counters["updates"] == first.counters["updates"] == 2
-    final = resumed.train(resumed_rows.append)
+    final = resumed.train(Collect(resumed_rows))
 
     expected = losses(straight_rows)
     got = {**losses(first_rows), **losses(resumed_rows)}
@@ -54,7 +58,9 @@ def test_save_at_half_then_restore_in_a_new_trainer_equals_the_straight_run(data
 
 
 def test_latest_is_by_step_not_by_name_and_bad_files_are_refused(data_dir, tmp_path):
-    state = Trainer(nano(data_dir, "train.steps=1")).checkpointer.state(1, {"updates": 1})
+    state = Trainer(nano(data_dir, "train.steps=1"), make_engine=PlainEngine).checkpointer.state(
+        1, {"updates": 1}
+    )
     checkpoint.write(tmp_path / "run" / "checkpoint_b", {**state, "step": 4})
     checkpoint.write(tmp_path / "run" / "checkpoint_a", {**state, "step": 8})
     assert checkpoint.latest(tmp_path / "run").name == "checkpoint_a"
@@ -76,7 +82,52 @@ def test_latest_is_by_step_not_by_name_and_bad_files_are_refused(data_dir, tmp_p
 
 
 def test_buffers_of_another_shape_do_not_fit(data_dir):
-    state = Trainer(nano(data_dir, "train.steps=1")).checkpointer.state(1, {})
-    other = Trainer(nano(data_dir, "train.steps=1", "loqt.rank=4"))
+    state = Trainer(nano(data_dir, "train.steps=1"), make_engine=PlainEngine).checkpointer.state(1, {})
+    other = Trainer(nano(data_dir, "train.steps=1", "loqt.rank=4"), make_engine=PlainEngine)
     with pytest.raises(ValueError, match="does not fit this model"):
         checkpoint.load_buffers(other.model, state["buffers"])
+
+
+def test_a_checkpoint_holds_its_config_and_names_every_value_and_optimizer_state(data_dir):
+    """Format 2: trainable values and their optimizer states keyed by parameter name, the same
+    encoding from every engine, and the run's config inside."""
+    trainer = Trainer(nano(data_dir, "train.steps=1"), make_engine=PlainEngine)
+    trainer.train_step()
+    state = trainer.checkpointer.state(1, {})
+    names = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert state["format"] == 2 and state["config"] == trainer.cfg.to_dict()
+    assert list(state["params"]) == names and set(state["optimizer"]) == set(names)
+    assert set(state["optimizer"][names[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+# Format-1 checkpoints, written by commit e41b6cb at step 2 of a 4-step nano run, with the losses
+# of that run's steps 3 and 4: one per format-1 optimizer encoding.
+V1 = Path(__file__).resolve().parent / "data" / "v1"
+V1_RUN = ["model.size=nano", "data.vocab_size=256", "data.seq_len=32", "train.micro_batch_size=2",
+          "loqt.rank=4", "loqt.schedule=static", "loqt.update_interval=2", "train.steps=4",
+          "train.log_every=1", "train.eval_every=4", "train.eval_tokens=256", "optim.lr=1e-2",
+          "optim.warmup_steps=1", "train.checkpoint_every=2"]  # fmt: skip
+V1_CASES = [
+    "plain-adamw",  # a torch state dict
+    "per-layer-adam8bit",  # one torch state dict per parameter, bitsandbytes' blocks
+    pytest.param("zero2-adamw", marks=pytest.mark.slow),  # DeepSpeed ZeRO-2: a list of Adam moments
+]
+
+
+@pytest.mark.parametrize("case", V1_CASES)
+def test_a_format_1_checkpoint_still_resumes_as_its_run_went_on(case, data_dir):
+    from loqt_ray.config import load_config
+    from loqt_ray.distributed import DeepSpeedEngine
+
+    directory = V1 / case
+    extra = json.loads((directory / "overrides.json").read_text())
+    cfg = load_config(None, [*V1_RUN, f"data.data_dir={data_dir}", *extra])
+    state = checkpoint.read(directory / checkpoint.STATE_FILE)
+    assert "format" not in state and isinstance(state["engine"]["params"], list)
+    engine = DeepSpeedEngine if case.startswith("zero") else PlainEngine
+    trainer, rows = Trainer(cfg, make_engine=engine), []
+    trainer.resume(state)
+    trainer.train(Collect(rows))
+    expected = json.loads((directory / "losses.json").read_text())
+    assert [row["step"] for row in rows] == [3, 4]
+    assert all(abs(row["train_loss"] - expected[str(row["step"])]) < 1e-5 for row in rows), (rows, expected)

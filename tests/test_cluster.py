@@ -21,10 +21,11 @@ import torch
 import yaml
 from conftest import nano_config
 
-from loqt_ray.checkpoint import latest, step_of
+from loqt_ray.checkpoint import RAY_SNAPSHOT, latest, step_of
 from loqt_ray.distributed import free_port
-from loqt_ray.launch import RAY_SNAPSHOT
-from loqt_ray.results import leaderboard, read_metrics, read_workers
+from loqt_ray.engine import PlainEngine
+from loqt_ray.leaderboard import leaderboard
+from loqt_ray.rundir import read_metrics, read_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,7 @@ def _agreement_worker(rank: int, port: int, data_dir: str, queue) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
-        trainer = Trainer(nano_config(data_dir, "loqt.update_interval=2"), rank, 2)
+        trainer = Trainer(nano_config(data_dir, "loqt.update_interval=2"), rank, 2, make_engine=PlainEngine)
         name, layer = trainer.named_layers[3]
         for how in ("checksum", "broadcast"):
             if rank == 1:
@@ -336,8 +337,7 @@ import json
 import ray
 from ray.util import placement_group, placement_group_table, state
 from loqt_ray.config import load_config
-from loqt_ray.launch import start_ray, worker_resources
-from loqt_ray.sweep import _LeakedGroups
+from loqt_ray.ray_session import LeakedGroups, start_ray, worker_resources
 
 start_ray(None)
 
@@ -351,7 +351,7 @@ actor, listed = ray.get(Probe.remote().listed.remote())
 scale = load_config(None, []).scale
 group = placement_group([worker_resources(scale)] * scale.num_workers)
 ray.get(group.ready())
-leaks = _LeakedGroups(scale)
+leaks = LeakedGroups(scale)
 for _ in range(2):  # an idle group goes on the second check that sees it
     leaks.tick()
 print(json.dumps(dict(gcs=ray.get_runtime_context().gcs_address, actor=actor, listed=listed,

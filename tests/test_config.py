@@ -192,3 +192,22 @@ def test_a_saved_llama_directory_is_accepted_as_the_model(tmp_path):
 
     build_model("nano", 512).save_pretrained(tmp_path / "m")
     assert load_config(None, [f"model.path={tmp_path / 'm'}"]).model.path == str(tmp_path / "m")
+
+
+def test_every_field_is_documented_where_it_is_declared_and_the_config_command_shows_it(capsys):
+    """Each field's docstring is what `loqt-ray config` prints, with its type and default."""
+    import dataclasses
+
+    from loqt_ray.config import SECTIONS, field_docs
+
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{section}: {missing} have no docstring"
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("; default ") == sum(len(dataclasses.fields(cls)) for cls in SECTIONS.values())
+    assert "loqt.rank  (int; default 32)\n    r of the factors" in out
+    assert "train.dtype  (one of float32, bfloat16; default float32)" in out
+    assert main(["config", "lqt"]) == 2
+    assert "SECTION: must be one of model, data" in capsys.readouterr().err

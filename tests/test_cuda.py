@@ -9,7 +9,9 @@ from conftest import nano_config
 from torch import nn
 
 from loqt_ray import LoQTLinear, checkpoint
+from loqt_ray.engine import PlainEngine
 from loqt_ray.quant import NF4Tensor
+from loqt_ray.trainer import Collect
 
 pytestmark = [
     pytest.mark.cuda,
@@ -88,13 +90,13 @@ def test_a_checkpoint_saved_on_the_gpu_loads_on_the_cpu(data_dir, tmp_path):
     def cfg(use_gpu):
         return nano_config(data_dir, "train.steps=4", "loqt.update_interval=2", f"scale.use_gpu={use_gpu}")
 
-    gpu = Trainer(cfg(True))
+    gpu = Trainer(cfg(True), make_engine=PlainEngine)
     assert gpu.device.type == "cuda"
     assert build_device("nano", 2048, gpu.device).type == "cuda"  # built there: room for a nano model
     for _ in range(2):
         gpu.train_step()
     checkpoint.write(tmp_path / "c", gpu.checkpointer.state(gpu.step, gpu.counters))
-    cpu = Trainer(cfg(False))
+    cpu = Trainer(cfg(False), make_engine=PlainEngine)
     cpu.resume(checkpoint.read(tmp_path / "c" / checkpoint.STATE_FILE))
     assert cpu.step == 2
     for (name, a), b in zip(gpu.model.state_dict().items(), cpu.model.state_dict().values(), strict=True):
@@ -114,7 +116,7 @@ def test_a_step_without_a_merge_never_makes_the_host_wait_for_the_gpu(data_dir):
         data_dir, "loqt.update_interval=4", "train.grad_accum=2", "train.steps=8", "train.dtype=bfloat16",
         "scale.use_gpu=true",
     )  # fmt: skip
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, make_engine=PlainEngine)
     for _ in range(2):  # step 0's merge and refresh, then a step that makes the optimizer state
         trainer.train_step()
     torch.cuda.synchronize()
@@ -142,7 +144,7 @@ def test_a_cuda_graphs_run_replays_its_steps_and_trains_as_the_eager_run(data_di
             "train.dtype=bfloat16", "scale.use_gpu=true", f"train.cuda_graphs={graphs}",
         )  # fmt: skip
         trainer, rows = Trainer(cfg, make_engine=DeepSpeedEngine), []
-        trainer.train(rows.append)
+        trainer.train(Collect(rows))
         losses[graphs] = [row["train_loss"] for row in rows]
     assert trainer.graphs.off_reason is None, trainer.graphs.failure or trainer.graphs.off_reason
     assert trainer.graphs.replays == (6 if method == "loqt" else 8)  # LoQT refreshes at steps 0 and 6

@@ -16,8 +16,9 @@ from conftest import nano_config
 
 from loqt_ray.checkpoint import latest, read
 from loqt_ray.config import ConfigError
-from loqt_ray.launch import run_training, start_local_ray
-from loqt_ray.results import read_metrics
+from loqt_ray.launch import run_training
+from loqt_ray.ray_session import start_local_ray
+from loqt_ray.rundir import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # generous: 2-core CI runners are slow
 
@@ -47,19 +48,28 @@ def digest(tensor) -> str:
 
 
 def digest_loop(config):
-    """Like launch.worker_loop, but every rank writes digests of its NF4 weights and of P at each
+    """Like ray_train.worker_loop, but every rank writes digests of its NF4 weights and of P at each
     checkpoint, and rank 0 its losses."""
     import ray.train
     import torch
 
     from loqt_ray.config import Config, from_dict
     from loqt_ray.distributed import DeepSpeedEngine
-    from loqt_ray.trainer import train
+    from loqt_ray.trainer import Sink, Trainer
 
     torch.set_num_threads(1)
     cfg = from_dict(Config, config["cfg"])
     rank = ray.train.get_context().get_world_rank()
     out = Path(config["out"])
+
+    class Digests(Sink):  # to files only: Ray needs nothing from this loop (no checkpoints, no Tune)
+        def log(self, metrics):
+            with open(out / f"loss{rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": metrics["step"], "loss": metrics["train_loss"]}) + "\n")
+
+        def checkpoint(self, metrics, state):
+            save(state())
+            self.log(metrics)
 
     def save(state):
         buffers = state["buffers"]
@@ -72,11 +82,7 @@ def digest_loop(config):
         with open(out / f"rank{rank}.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def report(metrics):  # to files only: Ray needs nothing from this loop (no checkpoints, no Tune)
-        with open(out / f"loss{rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": metrics["step"], "loss": metrics["train_loss"]}) + "\n")
-
-    train(cfg, report, rank, 2, make_engine=DeepSpeedEngine, save=save)
+    Trainer(cfg, rank, 2, make_engine=DeepSpeedEngine).train(Digests())
 
 
 def fit_digest_run(cfg, out: Path) -> list[list[dict]]:
@@ -149,10 +155,10 @@ def test_layerwise_refreshes_agree_across_ranks(ray_cluster, data_dir, tmp_path)
 
 
 def killing_loop(config):
-    """launch.worker_loop, except that rank 1 SIGKILLs itself (as an out-of-memory kill would)
+    """ray_train.worker_loop, except that rank 1 SIGKILLs itself (as an out-of-memory kill would)
     right after the step named in the run directory's `kill_after` file, once, and every resume
     writes the step it resumed from."""
-    from loqt_ray import launch
+    from loqt_ray import ray_train
     from loqt_ray.trainer import Trainer
 
     out = Path(config["run_dir"])
@@ -172,7 +178,7 @@ def killing_loop(config):
                 f.write(f"{self.step}\n")
 
     Trainer.train_step, Trainer.resume = step_then_die, resume_and_record
-    launch.worker_loop(config)
+    ray_train.worker_loop(config)
 
 
 def test_a_killed_worker_and_a_rerun_on_one_worker_resume_from_checkpoints_and_reproduce_the_straight_run(
@@ -181,18 +187,18 @@ def test_a_killed_worker_and_a_rerun_on_one_worker_resume_from_checkpoints_and_r
     """Steps 1-12 on 2 workers (ZeRO-2) with a worker killed at step 9, then the same run resumed
     on 1 worker (ZeRO-0, the same global batch as micro-batch 8): the checkpoint loads on another
     world size and 1 worker trains the model 2 workers train."""
-    from loqt_ray import launch
+    from loqt_ray import checkpoint, ray_train
 
     _, reference = straight
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(launch, "worker_loop", killing_loop)
+    monkeypatch.setattr(ray_train, "worker_loop", killing_loop)
     run = tmp_path / "resumed"
     extra = ("train.checkpoint_every=6", "scale.max_failures=2")
 
     # A checkpoint folder an earlier worker on this host left when it was killed before Ray took it.
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    orphan = Path(tempfile.mkdtemp(prefix=launch.staging_prefix(gone.pid)))
+    orphan = Path(tempfile.mkdtemp(prefix=checkpoint.staging_prefix(gone.pid)))
 
     # 12 of 24 steps; rank 1 dies after step 9, Ray restarts both workers from the step-6 checkpoint.
     run.mkdir()
@@ -242,7 +248,7 @@ def test_per_layer_updates_under_ray_stop_resume_and_match_the_in_process_run(
 ):
     """Per-layer updates (the plain engine on one Ray worker): stopped at step 4 and rerun, the run
     reproduces the same config trained straight in this process."""
-    from loqt_ray.trainer import Trainer
+    from loqt_ray.trainer import Collect, Trainer
 
     def cfg(*extra):
         return nano_config(
@@ -258,7 +264,7 @@ def test_per_layer_updates_under_ray_stop_resume_and_match_the_in_process_run(
     rows, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)  # as the Ray worker ran (cpus_per_worker=1): SVDs round by thread count
     try:
-        Trainer(cfg()).train(rows.append)
+        Trainer(cfg()).train(Collect(rows))
     finally:
         torch.set_num_threads(threads)
     got = losses_by_step(tmp_path / "per-layer")

@@ -72,7 +72,7 @@ def all_commands() -> list[tuple[str, str, str | None]]:
 
 def check_command(argv: list[str]) -> None:
     """Parse as the console script would, ask the subcommand for --help, and load what it names."""
-    from loqt_ray.sweep import load_sweep
+    from loqt_ray.sweep_plan import load_sweep
 
     with pytest.raises(SystemExit) as shown:
         cli.build_parser().parse_args([argv[0], "--help"] if argv[0] != "--help" else argv)
@@ -156,3 +156,19 @@ def test_every_relative_link_resolves(doc):
 
 def test_the_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 300
+
+
+def test_the_training_page_lists_every_field_of_every_section():
+    """docs/training.md's tables name each section's fields (`loqt-ray config` has their words)."""
+    import dataclasses
+
+    from loqt_ray.config import SECTIONS
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    for section in ("model", "data", "loqt", "optim", "train", "scale"):
+        table = text.split(f"### `{section}`", 1)[1].split("\n#", 1)[0]
+        listed = set(re.findall(r"^\| `([a-z_]+)`", table, flags=re.M))
+        listed |= {name for cell in re.findall(r"^\| (`[a-z_]+`(?:, `[a-z_]+`)+) \|", table, flags=re.M)
+                   for name in re.findall(r"`([a-z_]+)`", cell)}  # fmt: skip
+        fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        assert listed == fields, f"{section}: missing {fields - listed}, unknown {listed - fields}"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import nano_config
 
-from loqt_ray.trainer import Trainer
+from loqt_ray.trainer import Collect, Trainer
 
 pytestmark = pytest.mark.slow  # DeepSpeed's engine
 
@@ -52,13 +52,13 @@ def test_8bit_adam_at_zero_stage_0_resumes_exactly(data_dir, tmp_path):
         if state["step"] == 3:
             checkpoint.write(tmp_path / "checkpoint_3", state)
 
-    straight.train(rows.append, save)
+    straight.train(Collect(rows, save))
     states = [v for s in straight.engine._base.state.values() for v in s.values() if torch.is_tensor(v)]
     assert any(v.dtype == torch.uint8 for v in states)  # bitsandbytes' 8-bit moments
 
     resumed, resumed_rows = Trainer(cfg, make_engine=DeepSpeedEngine), []
     resumed.resume(checkpoint.read(tmp_path / "checkpoint_3" / checkpoint.STATE_FILE))
-    resumed.train(resumed_rows.append)
+    resumed.train(Collect(resumed_rows))
     expected = {row["step"]: row["train_loss"] for row in rows}
     assert [row["step"] for row in resumed_rows] == [4, 5, 6]
     assert all(abs(row["train_loss"] - expected[row["step"]]) < 1e-6 for row in resumed_rows)
@@ -81,10 +81,12 @@ def test_a_stage_0_checkpoint_resumes_under_zero_2(data_dir, tmp_path):
         )  # fmt: skip
 
     straight, rows = Trainer(cfg(0), make_engine=DeepSpeedEngine), []
-    straight.train(rows.append, lambda state: state["step"] == 3 and checkpoint.write(tmp_path / "c3", state))
+    straight.train(
+        Collect(rows, lambda state: state["step"] == 3 and checkpoint.write(tmp_path / "c3", state))
+    )
     resumed, resumed_rows = Trainer(cfg(2), make_engine=DeepSpeedEngine), []
     resumed.resume(checkpoint.read(tmp_path / "c3" / checkpoint.STATE_FILE))
-    resumed.train(resumed_rows.append)
+    resumed.train(Collect(resumed_rows))
     expected = {row["step"]: row["train_loss"] for row in rows}
     assert [row["step"] for row in resumed_rows] == [4, 5, 6]
     assert all(abs(row["train_loss"] - expected[row["step"]]) < 1e-5 for row in resumed_rows)
@@ -103,7 +105,7 @@ def test_activation_checkpointing_under_deepspeed_trains_as_without(data_dir, st
             f"train.activation_checkpointing={checkpointing}",
         )  # fmt: skip
         rows = []
-        Trainer(cfg, make_engine=DeepSpeedEngine).train(rows.append)
+        Trainer(cfg, make_engine=DeepSpeedEngine).train(Collect(rows))
         return [row["train_loss"] for row in rows]
 
     assert losses(True) == pytest.approx(losses(False), rel=1e-5)

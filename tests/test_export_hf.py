@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from loqt_ray.cli import main
 from loqt_ray.config import load_config
 from loqt_ray.data import prepare, val_rows
+from loqt_ray.engine import PlainEngine
 from loqt_ray.export_hf import load_trained
 from loqt_ray.loqt import loqt_layers
 from loqt_ray.trainer import evaluate
@@ -59,8 +60,8 @@ def test_continued_training_starts_from_an_exported_model(trained_run, tmp_path)
     sets = [f"model.path={hf}", f"train.output_dir={tmp_path}", "train.name=continued", "train.steps=4",
             "train.eval_every=4"]  # fmt: skip
     cfg = load_config(run / "config.yaml", sets)
-    fresh = Trainer(load_config(run / "config.yaml", sets[1:])).evaluate()["val_ppl"]
-    trainer = Trainer(cfg)
+    fresh = Trainer(load_config(run / "config.yaml", sets[1:]), make_engine=PlainEngine).evaluate()["val_ppl"]
+    trainer = Trainer(cfg, make_engine=PlainEngine)
     start = trainer.evaluate()["val_ppl"]
     assert abs(start - final["val_ppl"]) < 0.25 * (fresh - final["val_ppl"])  # the trained model's level
     assert trainer.train()["val_ppl"] < start  # and it learns on from there

@@ -13,17 +13,19 @@ import ray
 import torch
 import yaml
 
-from loqt_ray.checkpoint import STATE_FILE, latest, read
-from loqt_ray.cli import main
-from loqt_ray.config import ConfigError
-from loqt_ray.launch import (
+from loqt_ray.checkpoint import (
     RAY_SNAPSHOT,
     STAGING_PREFIX,
+    STATE_FILE,
+    latest,
+    read,
     remove_orphaned_staging,
     set_aside_stale_ray_record,
     staging_prefix,
 )
-from loqt_ray.results import (
+from loqt_ray.cli import main
+from loqt_ray.config import ConfigError
+from loqt_ray.rundir import (
     METRICS_FILE,
     WORKERS_FILE,
     read_metrics,

@@ -6,6 +6,7 @@ from conftest import nano_config
 
 from loqt_ray.cli import main
 from loqt_ray.config import LoQTConfig
+from loqt_ray.engine import PlainEngine
 from loqt_ray.loqt import apply_loqt
 from loqt_ray.memory import GIB, Assumptions, estimate, nf4_bytes
 from loqt_ray.models import build_model
@@ -115,7 +116,7 @@ def test_trainer_accounting_equals_what_the_plain_engine_holds(data_dir, extra):
             *extra,
         ],
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, make_engine=PlainEngine)
     trainer.train_step()
     estimate = trainer_estimate(cfg)
     assert estimate.weights == tensor_bytes(trainer.model.state_dict().values())
@@ -164,7 +165,7 @@ def test_per_layer_updates_under_accumulation_hold_every_gradient_between_micro_
     from loqt_ray.trainer import Trainer
 
     cfg = nano_config(data_dir, "optim.per_layer=true", "train.grad_accum=2", "train.micro_batch_size=2")
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, make_engine=PlainEngine)
     ids, labels = trainer.stream.next_batch()
     trainer.engine.backward(trainer.engine.model(input_ids=ids, labels=labels).loss / 2)
     held = [p.grad for p in trainer.engine.params]
@@ -290,7 +291,7 @@ def test_activation_accounting_equals_what_autograd_saves(data_dir, extra, width
          "loqt.rank=24", "optim.per_layer=true", "train.steps=2", "train.micro_batch_size=4",
          "train.eval_tokens=256", *extra],
     )  # fmt: skip
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, make_engine=PlainEngine)
     ids, labels = trainer.stream.next_batch()
     own = {t.untyped_storage().data_ptr() for t in [*trainer.model.parameters(), *trainer.model.buffers()]}
     saved = {}
@@ -325,7 +326,7 @@ def test_with_activation_checkpointing_the_blocks_save_nothing_for_backward(data
              "loqt.rank=24", "train.steps=2", "train.micro_batch_size=4", "train.eval_tokens=256",
              f"train.activation_checkpointing={checkpointing}"],
         )  # fmt: skip
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, make_engine=PlainEngine)
         ids, labels = trainer.stream.next_batch()
         own = {
             t.untyped_storage().data_ptr() for t in [*trainer.model.parameters(), *trainer.model.buffers()]

@@ -7,9 +7,10 @@ from conftest import nano_config, train_in_process
 from transformers import AutoModelForCausalLM
 
 from loqt_ray import checkpoint
+from loqt_ray.engine import PlainEngine
 from loqt_ray.export_hf import export_hf
-from loqt_ray.results import read_metrics
-from loqt_ray.trainer import Trainer
+from loqt_ray.rundir import read_metrics
+from loqt_ray.trainer import Collect, Trainer
 
 PATHS = {
     "loqt, P in NF4, AdamW": [],
@@ -39,10 +40,10 @@ def test_each_path_resumes_exactly_and_exports(path, data_dir, tmp_path):
     run, final = train_in_process(cfg)
     straight = {row["step"]: row["train_loss"] for row in read_metrics(run)}
 
-    resumed, rows = Trainer(cfg), []
+    resumed, rows = Trainer(cfg, make_engine=PlainEngine), []
     resumed.resume(checkpoint.read(run / "checkpoint_000004" / checkpoint.STATE_FILE))
     assert resumed.step == 4
-    resumed.train(rows.append)
+    resumed.train(Collect(rows))
     assert [row["step"] for row in rows] == [5, 6, 7, 8]
     assert all(abs(row["train_loss"] - straight[row["step"]]) < 1e-6 for row in rows), (rows, straight)
     assert straight[8] < straight[1]  # it learns

@@ -6,7 +6,8 @@ import yaml
 
 from loqt_ray.cli import main
 from loqt_ray.config import ConfigError, load_config
-from loqt_ray.results import leaderboard, read_workers
+from loqt_ray.leaderboard import leaderboard
+from loqt_ray.rundir import read_workers
 from loqt_ray.search_space import check_space, parse_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +72,7 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
     (Optuna's TPE, used when a space has no grid, runs in test_cluster's sweep job.)"""
     import ray
 
-    from loqt_ray.launch import start_local_ray
+    from loqt_ray.ray_session import start_local_ray
 
     # A grid of a useful and a useless lr, twice: at least one useless trial must be stopped at the
     # first rung, since it cannot beat a useful one that already reported there.
@@ -163,7 +164,7 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
 
 
 def test_asha_settings_are_not_checked_when_asha_is_off(tmp_path):
-    from loqt_ray.sweep import load_sweep
+    from loqt_ray.sweep_plan import load_sweep
 
     spec = yaml.safe_load((ROOT / "jobs" / "sweep.yaml").read_text())
     spec["sweep"]["search_space"] = str(ROOT / "search_spaces" / "cpu_tiny.yaml")
@@ -204,8 +205,8 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, capsys):
 
 def _fake_finished_sweep(tmp_path, values: dict) -> Path:
     """A sweep directory as a finished sweep leaves it, with one trial trained on `values`."""
-    from loqt_ray.results import write_config
-    from loqt_ray.sweep import load_sweep, trial_config
+    from loqt_ray.rundir import write_config
+    from loqt_ray.sweep_plan import load_sweep, trial_config
 
     spec = yaml.safe_load((ROOT / "jobs" / "sweep.yaml").read_text())
     spec["sweep"]["search_space"] = str(ROOT / "search_spaces" / "cpu_tiny.yaml")

@@ -5,10 +5,12 @@ import torch
 from conftest import nano_config
 
 from loqt_ray.config import load_config
+from loqt_ray.engine import PlainEngine
+from loqt_ray.trainer import Collect
 
 
 def test_full_rank_training_lowers_validation_loss(data_dir):
-    from loqt_ray.trainer import train
+    from loqt_ray.trainer import Trainer
 
     cfg = load_config(
         None,
@@ -28,7 +30,7 @@ def test_full_rank_training_lowers_validation_loss(data_dir):
         ],
     )
     reports = []
-    final = train(cfg, reports.append)
+    final = Trainer(cfg, make_engine=PlainEngine).train(Collect(reports))
     evals = [r for r in reports if "val_ppl" in r]
     assert [r["step"] for r in evals] == [20, 40]
     assert evals[-1]["val_ppl"] < evals[0]["val_ppl"] < 2048  # better than uniform, and improving
@@ -47,8 +49,8 @@ def test_evaluations_on_merge_steps_change_nothing_in_training(data_dir):
             "train.micro_batch_size=4", "train.grad_accum=2", "train.log_every=1",
             f"train.eval_every={eval_every}",
         )  # fmt: skip
-        trainer, rows = Trainer(cfg), []
-        trainer.train(rows.append)
+        trainer, rows = Trainer(cfg, make_engine=PlainEngine), []
+        trainer.train(Collect(rows))
         return trainer, rows
 
     evaluated, rows = run(1)
@@ -67,7 +69,7 @@ def test_evaluations_on_merge_steps_change_nothing_in_training(data_dir):
 
 def test_bf16_autocast_loqt_run(data_dir):
     """The GPU recipe (bf16 compute, fp32 master values, 8-bit Adam) runs on CPU too."""
-    from loqt_ray.trainer import train
+    from loqt_ray.trainer import Trainer
 
     cfg = nano_config(
         data_dir,
@@ -85,7 +87,7 @@ def test_bf16_autocast_loqt_run(data_dir):
         "train.eval_tokens=2048",
         "train.log_every=20",
     )
-    final = train(cfg)
+    final = Trainer(cfg, make_engine=PlainEngine).train()
     assert final["updates"] == 4 and final["val_ppl"] < 2048  # merges at 0, 5, 11, 17
     assert final["optimizer_bytes"] > 0
 
@@ -99,8 +101,8 @@ def test_layerwise_and_exact_refreshes_train_the_same_model(data_dir):
             data_dir, "loqt.update_interval=3", f"loqt.refresh={refresh}", "train.steps=9",
             "train.micro_batch_size=4", "train.log_every=1", "train.eval_every=9",
         )  # fmt: skip
-        trainer, rows = Trainer(cfg), []
-        trainer.train(rows.append)
+        trainer, rows = Trainer(cfg, make_engine=PlainEngine), []
+        trainer.train(Collect(rows))
         return trainer, [row["train_loss"] for row in rows]
 
     exact, exact_losses = run("exact")
@@ -136,8 +138,8 @@ def test_16_bit_mode_stores_trainable_values_in_bf16_and_learns(data_dir):
         "train.eval_tokens=2048",
         "train.log_every=10",
     )
-    trainer, rows = Trainer(cfg), []
-    final = trainer.train(rows.append)
+    trainer, rows = Trainer(cfg, make_engine=PlainEngine), []
+    final = trainer.train(Collect(rows))
     assert {p.dtype for p in trainer.engine.params} == {torch.bfloat16}
     assert (
         trainer.layers[0].weight_q.packed.dtype == torch.uint8
@@ -158,10 +160,10 @@ def _graph_runs(data_dir, record):
             data_dir, "loqt.update_interval=3", "loqt.refresh_interval=6", "train.steps=10",
             "train.micro_batch_size=4", "train.log_every=1", "train.eval_every=10",
         )  # fmt: skip
-        trainer, rows = Trainer(cfg), []
+        trainer, rows = Trainer(cfg, make_engine=PlainEngine), []
         if graphs:
             trainer.graphs = StepGraphs(trainer.model, False, said.append, record=record)
-        trainer.train(rows.append)
+        trainer.train(Collect(rows))
         runs.append((trainer, rows))
     return runs, said
 
@@ -230,7 +232,7 @@ def test_cuda_graphs_on_a_machine_without_cuda_train_eagerly_and_say_so(data_dir
     from loqt_ray.trainer import Trainer
 
     cfg = nano_config(data_dir, "scale.use_gpu=true", "train.cuda_graphs=true", "train.steps=2")
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, make_engine=PlainEngine)
     trainer.train()
     assert trainer.graphs is None and trainer.step == 2
     assert "train.cuda_graphs: no CUDA device here; training eagerly" in capsys.readouterr().err
@@ -239,8 +241,8 @@ def test_cuda_graphs_on_a_machine_without_cuda_train_eagerly_and_say_so(data_dir
 def losses_of(cfg) -> tuple:
     from loqt_ray.trainer import Trainer
 
-    trainer, rows = Trainer(cfg), []
-    trainer.train(rows.append)
+    trainer, rows = Trainer(cfg, make_engine=PlainEngine), []
+    trainer.train(Collect(rows))
     return trainer, [row["train_loss"] for row in rows]
 
 
@@ -287,7 +289,7 @@ def test_a_recomputed_block_captures_each_layers_gradient_once_per_backward(data
         data_dir, f"loqt.refresh={refresh}", f"train.grad_accum={accum}", "train.micro_batch_size=2",
         "train.activation_checkpointing=true", "train.steps=2",
     )  # fmt: skip
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, make_engine=PlainEngine)
     calls = {}
     for name, layer in trainer.named_layers:
         original = layer.capture_gradient
@@ -312,8 +314,8 @@ def test_per_layer_updates_under_accumulation_follow_the_plain_optimizer(data_di
         )  # fmt: skip
         from loqt_ray.trainer import Trainer
 
-        trainer, rows = Trainer(cfg), []
-        trainer.train(rows.append)
+        trainer, rows = Trainer(cfg, make_engine=PlainEngine), []
+        trainer.train(Collect(rows))
         return trainer, rows
 
     per_layer, per_layer_rows = run(True)

@@ -1,4 +1,4 @@
-"""Run and sweep directories: their file names, metrics reading and the sweep leaderboard.
+"""Run and sweep directories: their file names, and the run files other than checkpoints.
 
 A run directory (`train.output_dir/train.name`) holds
     config.yaml      the config the run was (last) started with
@@ -12,13 +12,13 @@ A sweep directory (`sweep.storage_path/sweep.name`) holds sweep.yaml (as run),
 search_space.yaml, ray.log, one Tune directory per trial with its run in `train/`,
 leaderboard.md, best.yaml and report/.
 
-No Ray here: sweep.py and report.py both read results through this module.
+checkpoint.py owns the checkpoint_* directories and Ray's record of them; everything else in a
+run directory is written and read here. No Ray.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -104,49 +104,32 @@ def read_workers(out: Path) -> list[dict]:
     return _read_jsonl(Path(out) / WORKERS_FILE)
 
 
-def _trial_id(trial_dir: Path) -> str:
-    # Tune names trials <trainable>_<id>_<index>_..., the id 8 hex digits (a searcher's trials) or
-    # 5 hex digits and a 5-digit number (a grid's); the display and the leaderboard use the same id.
-    match = re.search(r"_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_\d+_", trial_dir.name)
-    return match.group(1) if match else trial_dir.name
+class MetricsLog:
+    """metrics.jsonl and TensorBoard events, written by rank 0 only. Opened at a (re)start, it first
+    drops any logged step past `resumed_step`: the group goes on from there and logs them again."""
 
+    def __init__(self, out: Path, rank: int, resumed_step: int):
+        self.enabled = rank == 0
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
 
-def _trial_row(config_path: Path) -> dict:
-    run, trial_dir = config_path.parent, config_path.parent.parent
-    evals = [m for m in read_metrics(run) if "val_ppl" in m]
-    cfg = yaml.safe_load(config_path.read_text())
-    finished = bool(evals) and evals[-1]["step"] == cfg["train"]["steps"]
-    failed = (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists()
-    params_file = trial_dir / "params.json"
-    return {
-        "trial": _trial_id(trial_dir),
-        "dir": str(trial_dir),
-        "status": "failed" if failed else "completed" if finished else "stopped early",
-        "tokens": evals[-1]["tokens"] if evals else 0,
-        "val_ppl": evals[-1]["val_ppl"] if evals else float("inf"),
-        "curve": [(m["tokens"], m["val_ppl"]) for m in evals],
-        "params": json.loads(params_file.read_text()) if params_file.exists() else {},
-        "config": cfg,
-    }
+        truncate_metrics(out, resumed_step)
+        self.writer = SummaryWriter(str(out / TENSORBOARD_DIR))
+        self.file = open(out / METRICS_FILE, "a")
 
+    def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        # with the wall-clock time it was logged: tokens_per_s counts training steps only, the times
+        # show the rest (evaluations, checkpoints, Ray) as well
+        self.file.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+        self.file.flush()
+        for key, value in metrics.items():
+            if key != "step":
+                self.writer.add_scalar(key, value, metrics["step"])
 
-def leaderboard(sweep_dir: Path) -> list[dict]:
-    """One row per trial from its own files, best validation perplexity first, failed last."""
-    rows = [_trial_row(path) for path in sorted(Path(sweep_dir).glob(f"*/{TRIAL_RUN}/{CONFIG_FILE}"))]
-    return sorted(rows, key=lambda r: (r["status"] == "failed", r["val_ppl"]))
-
-
-def format_value(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def leaderboard_markdown(rows: list[dict]) -> str:
-    keys = sorted({k for r in rows for k in r["params"]})
-    lines = [
-        "| trial | status | tokens | val ppl | " + " | ".join(keys) + " |",
-        "|---|---|---|---|" + "---|" * len(keys),
-    ]
-    for r in rows:
-        values = " | ".join(format_value(r["params"].get(k, "")) for k in keys)
-        lines.append(f"| {r['trial']} | {r['status']} | {r['tokens']:,} | {r['val_ppl']:.2f} | {values} |")
-    return "\n".join(lines) + "\n"
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.file.close()
