@@ -5,7 +5,7 @@
 #                                 profile.txt
 #   bench/gpu_check.sh --cpu      the same steps on this machine's CPU at tiny sizes
 # Never waits for input; every step has its own timeout inside an overall budget of 480 s (--budget;
-# GPU_CHECK_TIMEOUT, 510 s, stops the whole script).
+# GPU_CHECK_TIMEOUT, 510 s, stops the whole script; twice both with --cpu).
 set -u
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-runs/gpu_check}"
@@ -21,4 +21,7 @@ else
         export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
 fi
-exec timeout "${GPU_CHECK_TIMEOUT:-510}" "$PY" bench/gpu_check.py --out "$OUT" "$@" </dev/null
+# --cpu doubles the steps' budget (gpu_check.py): the whole script's limit follows it
+limit=510
+case " $* " in *" --cpu "*) limit=1020 ;; esac
+exec timeout "${GPU_CHECK_TIMEOUT:-$limit}" "$PY" bench/gpu_check.py --out "$OUT" "$@" </dev/null

@@ -12,12 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)  # a loaded 2-core machine: the script's own limit with --cpu is 1020 s
 def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         ["bench/gpu_check.sh", "--cpu"], cwd=ROOT, env={**os.environ, "OUT": str(out)},
-        capture_output=True, text=True, timeout=840, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=1100, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "gpu_check.json").read_text())
