@@ -80,7 +80,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dry_run(args.sweep_file, args.overrides))
         return 0
-    sweep_dir = run_sweep(args.sweep_file, args.overrides)  # validates everything before a cluster starts
+    sweep_dir = run_sweep(args.sweep_file, args.overrides, args.warm_start)  # validated before a cluster
     print((sweep_dir / rundir.LEADERBOARD_FILE).read_text(), end="")
     print(describe(sweep_dir / rundir.BEST_FILE))
     print(f"sweep: {sweep_dir}")
@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the validated space, trial count, token budget and resources, then exit (no Ray)",
+    )
+    p.add_argument(
+        "--warm-start",
+        metavar="SWEEP_DIR",
+        help="seed the search with the finished trials of another sweep of the same space",
     )
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("export", help="write the best trial of a sweep as a production training config")

@@ -215,10 +215,15 @@ class TrainConfig:
     """Optimizer steps; the learning-rate and merge schedules span them."""
     stop_at_step: int | None = None
     """End this invocation early, with a checkpoint; rerun to go on."""
-    micro_batch_size: int = 16
-    """Sequences per worker per micro-batch."""
+    micro_batch_size: int | Literal["auto"] = 16
+    """Sequences per worker per micro-batch; auto: the largest that fits the worker's GPU share
+    (scale.gpu_memory_gb x scale.gpus_per_worker) by the memory estimator, a divisor of
+    sequences_per_step, with grad_accum making up the rest."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step (set by micro_batch_size auto)."""
+    sequences_per_step: int | None = None
+    """Sequences per optimizer step on each worker, for micro_batch_size auto (else micro_batch_size x
+    grad_accum)."""
     eval_every: int = 100
     """Steps between evaluations."""
     eval_tokens: int = 65536
@@ -287,6 +292,13 @@ class Config:
     def peak_lr(self) -> float:
         """optim.lr, or the method's default when it is unset."""
         return self.optim.lr if self.optim.lr is not None else DEFAULT_LR[self.loqt.method]
+
+    def sequences_per_step(self) -> int:
+        """Sequences per optimizer step on each worker (known before micro_batch_size auto is)."""
+        train = self.train
+        if train.micro_batch_size == "auto":
+            return train.sequences_per_step
+        return train.micro_batch_size * train.grad_accum
 
     def warmup_steps(self) -> int:
         """optim.warmup_steps, or WARMUP_SHARE of train.steps when it is unset."""
@@ -417,8 +429,15 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, name)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(inner[0], value, name)
+        for option in inner:  # the first that takes it
+            try:
+                return _convert(option, value, name)
+            except ConfigError:
+                pass
+        raise ConfigError(name, f"must be {' or '.join(type_words(a) for a in inner)} (got {value!r})")
     if origin is Literal:
         if value not in args:
             raise ConfigError(name, f"must be one of {', '.join(map(str, args))} (got {value!r})")
@@ -786,10 +805,24 @@ def _validate_train(train: TrainConfig) -> None:
     _require(
         train.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0 (got {train.checkpoint_every})"
     )
+    _require(
+        train.sequences_per_step in (None, train.micro_batch_size * train.grad_accum),
+        "train.sequences_per_step",
+        f"must be micro_batch_size x grad_accum = {train.micro_batch_size * train.grad_accum} unless "
+        f"micro_batch_size is auto (got {train.sequences_per_step})",
+    )
 
 
 def _validate_scale(scale: ScaleConfig) -> None:
     _require(scale.num_workers >= 1, "scale.num_workers", f"must be >= 1 (got {scale.num_workers})")
+    _require(scale.gpus_per_worker > 0, "scale.gpus_per_worker", f"must be > 0 (got {scale.gpus_per_worker})")
+    _require(
+        not scale.use_gpu or scale.num_workers == 1 or scale.gpus_per_worker >= 1,
+        "scale.gpus_per_worker",
+        f"{scale.num_workers} workers at {scale.gpus_per_worker:g} GPU each can be put on one GPU, where "
+        "NCCL cannot run two ranks (ray-project/ray#48012): give each of several workers whole GPUs (1), "
+        "or share a GPU between single-worker trials",
+    )
     _require(
         scale.zero_stage in (0, 1, 2),
         "scale.zero_stage",
@@ -823,14 +856,49 @@ def _validate_rank_fraction(fraction: float | None) -> None:
 
 def resolve(cfg: Config) -> Config:
     """`cfg` with its derived values settled, as a new Config (`cfg` is not changed): loqt.rank
-    from loqt.rank_fraction of this model's hidden size, when the fraction is set."""
+    from loqt.rank_fraction of this model's hidden size, when the fraction is set; then the
+    micro-batch and grad_accum of train.micro_batch_size auto."""
     fraction = cfg.loqt.rank_fraction
-    if fraction is None:
-        return cfg
-    _validate_rank_fraction(fraction)
-    _validate_model(cfg.model)  # a local model's hidden size is read from its config.json
-    rank = max(1, round(fraction * hidden_size(cfg.model)))
-    return dataclasses.replace(cfg, loqt=dataclasses.replace(cfg.loqt, rank=rank))
+    if fraction is not None:
+        _validate_rank_fraction(fraction)
+        _validate_model(cfg.model)  # a local model's hidden size is read from its config.json
+        rank = max(1, round(fraction * hidden_size(cfg.model)))
+        cfg = dataclasses.replace(cfg, loqt=dataclasses.replace(cfg.loqt, rank=rank))
+    if cfg.train.micro_batch_size == "auto":
+        cfg = _fit_micro_batch(cfg)
+    return cfg
+
+
+def _fit_micro_batch(cfg: Config) -> Config:
+    """micro_batch_size auto: the largest divisor of sequences_per_step whose refresh-step peak fits
+    the worker's GPU share by the memory estimator (1 if none does: the run's fit check says so),
+    grad_accum the quotient, so the step keeps its tokens."""
+    from .memory import GIB, trainer_estimate
+
+    train, scale = cfg.train, cfg.scale
+    _require(
+        train.sequences_per_step is not None and train.sequences_per_step >= 1,
+        "train.micro_batch_size",
+        "auto needs train.sequences_per_step, the sequences of an optimizer step on each worker",
+    )
+    _require(
+        scale.use_gpu and scale.gpu_memory_gb is not None,
+        "train.micro_batch_size",
+        "auto fits the micro-batch to a GPU: set scale.use_gpu=true and scale.gpu_memory_gb",
+    )
+    _require(cfg.model.path is None, "train.micro_batch_size", "auto needs a registry model.size")
+    _validate_model(cfg.model)  # the estimator reads the registry size
+    share = scale.gpu_memory_gb * scale.gpus_per_worker * GIB
+    total = train.sequences_per_step
+    fitted = 1
+    for micro in sorted((d for d in range(1, total + 1) if total % d == 0), reverse=True):
+        candidate = dataclasses.replace(train, micro_batch_size=micro, grad_accum=total // micro)
+        if trainer_estimate(dataclasses.replace(cfg, train=candidate)).peak <= share:
+            fitted = micro
+            break
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(train, micro_batch_size=fitted, grad_accum=total // fitted)
+    )
 
 
 def validate(cfg: Config) -> None:

@@ -10,8 +10,9 @@ import os
 import sys
 
 from . import checkpoint, rundir
-from .config import Config, RunStopped
+from .config import Config, ConfigError, RunStopped
 from .failures import lost_workers_reason, stopped_reason, worker_config_error
+from .memory import fit_shortfall
 from .ray_session import check_host_memory, check_resources, start_ray
 from .ray_train import make_trainer
 
@@ -23,6 +24,13 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
 
     out = rundir.run_dir(cfg)
     resume_from = checkpoint.resume_point(cfg, out)
+    too_big = fit_shortfall(cfg)
+    if too_big is not None:
+        raise ConfigError(
+            "scale.gpu_memory_gb",
+            f"{too_big} (scale.gpu_memory_gb x scale.gpus_per_worker): lower train.micro_batch_size (or set "
+            "it to auto with train.sequences_per_step) or loqt.rank",
+        )
     local = not (cfg.scale.address or os.environ.get("RAY_ADDRESS"))
     if local:  # before anything is written: this machine is the one node
         check_host_memory(cfg, local=True)

@@ -439,6 +439,16 @@ def host_memory_shortfall(cfg: Config, nodes: list[tuple[float, float]]) -> str 
     )
 
 
+def fit_shortfall(cfg: Config) -> str | None:
+    """ "does not fit: peak X GiB > Y GiB" when the refresh-step peak is over the worker's GPU share
+    (scale.gpu_memory_gb x scale.gpus_per_worker); None when it fits or no GPU memory is given."""
+    if not cfg.scale.use_gpu or cfg.scale.gpu_memory_gb is None or cfg.model.path is not None:
+        return None
+    share = cfg.scale.gpu_memory_gb * cfg.scale.gpus_per_worker
+    peak = trainer_estimate(cfg).peak / GIB
+    return f"does not fit: peak {peak:.2f} GiB > {share:.2f} GiB" if peak > share else None
+
+
 def largest_trainer_batch(cfg: Config, budget_gib: float) -> tuple[int, float]:
     """The largest micro-batch whose refresh-step peak fits `budget_gib` (0 if none), and that peak."""
     batch = 0

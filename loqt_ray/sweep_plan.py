@@ -17,13 +17,14 @@ from .config import (
     read_yaml,
     rooted,
 )
-from .rundir import TRIAL_RUN
+from .rundir import OPTUNA_JOURNAL, SPACE_FILE, SWEEP_FILE, TRIAL_RUN
 from .search_space import Param, apply_params, check_space, grid_size, parse_space
 
 # The Tune trial that drives a trial's Ray Train run; its workers ask for the rest. Small, so that
 # the trials Tune has started never hold the CPUs a worker group needs (on a cluster that lost a
 # node, two 0.1-CPU trials left 0.8 of the last CPU and neither could start its 0.9-CPU worker).
 TRIAL_CPU = 0.01
+TRIAL_LOG_EVERY = 10  # steps between a trial's rows in metrics.jsonl (what the status line counts)
 
 
 def effective_sweep(path: str | Path, overrides: list[str] = ()) -> dict:
@@ -71,12 +72,14 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
 
 
 def tokens_per_step(cfg: Config) -> int:
-    return cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.scale.num_workers * cfg.data.seq_len
+    return cfg.sequences_per_step() * cfg.scale.num_workers * cfg.data.seq_len
 
 
 def trial_config(base: dict, values: dict, sweep: SweepConfig, trial_dir: Path) -> Config:
-    """One trial's training config: sampled values, the token budget in steps, its evaluation
-    cadence, its run directory inside the trial's."""
+    """One trial's training config: sampled values, the token budget in steps, its run directory
+    inside the trial's. It evaluates (an ASHA rung) and checkpoints every eval_every_tokens, keeping
+    the last checkpoint, so a sweep interrupted mid-trial goes on from the trial's last rung; it
+    logs every few steps, which the sweep's status line counts tokens by."""
     per_step = tokens_per_step(apply_params(base, values))
     every = max(1, sweep.sweep.eval_every_tokens // per_step)
     data = copy.deepcopy(base)
@@ -84,10 +87,11 @@ def trial_config(base: dict, values: dict, sweep: SweepConfig, trial_dir: Path) 
         **(data.get("train") or {}),
         "steps": max(1, sweep.sweep.tokens_per_trial // per_step),
         "eval_every": every,
-        "log_every": every,
+        "log_every": min(every, TRIAL_LOG_EVERY),
         "output_dir": str(trial_dir),
         "name": TRIAL_RUN,
-        "checkpoint_every": 0,
+        "checkpoint_every": every,
+        "keep_checkpoints": 1,
         "stop_at_step": None,
     }
     return apply_params(data, values)
@@ -177,3 +181,32 @@ def dry_run(path: str | Path, overrides: list[str] = ()) -> str:
         )
     lines += [_resources_line(sweep), "dry run: nothing started, nothing written"]
     return "\n".join(lines)
+
+
+def study_storage(sweep_dir: Path):
+    """The Optuna storage of a sweep's study: a journal file in its directory, which
+    optuna-dashboard and optuna.load_study open while the sweep runs and after."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(Path(sweep_dir) / OPTUNA_JOURNAL)))
+
+
+def warm_start_trials(other: str | Path, params: list[Param]) -> tuple[list[dict], list[float]]:
+    """Another sweep's finished trials (their settings and val ppl, from its Optuna study), to
+    seed a sweep of the same search space with."""
+    import optuna
+
+    other = Path(other)
+    if not (other / SWEEP_FILE).is_file() or not (other / OPTUNA_JOURNAL).is_file():
+        raise ConfigError("--warm-start", f"{other} is not a sweep directory with an Optuna study")
+    theirs = {p.key: (p.kind, p.values) for p in parse_space(other / SPACE_FILE)}
+    if theirs != {p.key: (p.kind, p.values) for p in params}:
+        raise ConfigError("--warm-start", f"{other} searched another space ({other / SPACE_FILE})")
+    name = (read_yaml(other / SWEEP_FILE).get("sweep") or {}).get("name", "sweep")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=name, storage=study_storage(other))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    if not done:
+        raise ConfigError("--warm-start", f"{other}'s study has no finished trial")
+    return [dict(t.params) for t in done], [float(t.value) for t in done]

@@ -11,16 +11,18 @@ command resumes the sweep without rerunning finished trials.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import yaml
 
-from .config import Config, RunStopped, SweepConfig, from_dict
+from .config import Config, ConfigError, RunStopped, SweepConfig, from_dict
 from .leaderboard import leaderboard, leaderboard_markdown
 from .rundir import (
     BEST_FILE,
     LEADERBOARD_FILE,
+    METRICS_FILE,
     RAY_LOG,
     REPORT_DIR,
     SPACE_FILE,
@@ -35,8 +37,10 @@ from .sweep_plan import (
     has_grid,
     load_sweep,
     num_trials,
+    study_storage,
     trial_budget,
     trial_config,
+    warm_start_trials,
 )
 
 
@@ -61,6 +65,7 @@ def run_trial(values: dict, base: dict, sweep_dict: dict, sweep_dir: str) -> Non
 
     from .checkpoint import set_aside_stale_ray_record
     from .failures import stopped_reason
+    from .memory import fit_shortfall
     from .ray_train import make_trainer
 
     sweep = from_dict(SweepConfig, sweep_dict)
@@ -68,6 +73,9 @@ def run_trial(values: dict, base: dict, sweep_dict: dict, sweep_dir: str) -> Non
     cfg = trial_config(base, values, sweep, trial_dir)
     out = trial_dir / TRIAL_RUN
     write_config(out, cfg)
+    why = fit_shortfall(cfg)
+    if why is not None:  # before any worker starts; the search hears of a failed trial
+        raise RunStopped(f"{why} (scale.gpu_memory_gb x scale.gpus_per_worker)")
     set_aside_stale_ray_record(out)  # a trial resumed after the sweep was killed
     try:
         make_trainer(cfg, out, callbacks=[TuneReportCallback()]).fit()
@@ -78,15 +86,33 @@ def run_trial(values: dict, base: dict, sweep_dict: dict, sweep_dir: str) -> Non
         raise RunStopped(reason) from None  # the sweep's display shows this line for the failed trial
 
 
-def _new_tuner(trainable, sweep: SweepConfig, params: list[Param], sweep_dir: Path):
-    """A fresh Tune run: OptunaSearch (seeded TPE), or Tune's seeded grid/random generator when the
-    space has grid entries (Optuna cannot take a grid beside sampled values); ASHA on val_ppl with
-    tokens as its clock."""
+def optuna_search(sweep: SweepConfig, params: list[Param], sweep_dir: Path, warm_start: Path | None = None):
+    """Tune's OptunaSearch with seeded TPE over the space, its study in the sweep directory
+    (sweep_plan.study_storage), seeded with another sweep's finished trials when `warm_start`
+    names one (they enter the study as evaluated, and TPE proposes from them)."""
     import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    points, rewards = warm_start_trials(warm_start, params) if warm_start else (None, None)
+    return OptunaSearch(
+        space={p.key: p.optuna() for p in params},
+        metric="val_ppl",
+        mode="min",
+        sampler=optuna.samplers.TPESampler(seed=sweep.sweep.seed),
+        study_name=sweep.sweep.name,
+        storage=study_storage(sweep_dir),
+        points_to_evaluate=points,
+        evaluated_rewards=rewards,
+    )
+
+
+def _new_tuner(trainable, sweep: SweepConfig, params: list[Param], sweep_dir: Path, warm_start: Path | None):
+    """A fresh Tune run: OptunaSearch (seeded TPE, its study in the sweep directory), or Tune's
+    seeded grid/random generator when the space has grid entries (Optuna cannot take a grid beside
+    sampled values); ASHA on val_ppl with tokens as its clock."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.tune.search.optuna import OptunaSearch
 
     settings, asha = sweep.sweep, sweep.asha
     scheduler = FIFOScheduler()
@@ -104,7 +130,7 @@ def _new_tuner(trainable, sweep: SweepConfig, params: list[Param], sweep_dir: Pa
             None,
         )
     else:
-        search = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed))
+        search = optuna_search(sweep, params, sweep_dir, warm_start)
     tune_config = tune.TuneConfig(
         metric="val_ppl",
         mode="min",
@@ -113,9 +139,10 @@ def _new_tuner(trainable, sweep: SweepConfig, params: list[Param], sweep_dir: Pa
         num_samples=settings.num_samples,
         max_concurrent_trials=concurrent,
     )
+    grid = {p.key: tune_domain(p) for p in params} if has_grid(params) else {}  # else Optuna's space
     return tune.Tuner(
         trainable,
-        param_space={p.key: tune_domain(p) for p in params},
+        param_space=grid,
         tune_config=tune_config,
         run_config=tune.RunConfig(
             name=settings.name, storage_path=str(sweep_dir.parent), verbose=0, callbacks=[_display_callback()]
@@ -154,8 +181,21 @@ class _Watch:
             )
             if how in ("TERMINATED", "complete"):
                 status = "completed" if tokens >= self.budgets[t.trial_id] else "stopped early"
+            if status == "running":  # Tune hears of evaluations only; the trial's log says more
+                tokens = max(tokens, self.logged_tokens(t))
             out[t.trial_id] = (status, tokens, ppl)
         return out
+
+    def logged_tokens(self, trial) -> int:
+        """The tokens in the last row of a running trial's metrics.jsonl (it logs every few steps)."""
+        path = self.sweep_dir / Path(trial.local_path).name / TRIAL_RUN / METRICS_FILE
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 4096))
+                lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is unfinished
+            return int(json.loads(lines[-1])["tokens"]) if lines else 0
+        except (OSError, ValueError, KeyError, IndexError):  # not there yet, or a line cut in two
+            return 0
 
     def ended(self, trials, trial, how: str) -> None:
         states = self.states(trials, (trial.trial_id, how))
@@ -210,7 +250,7 @@ def _display_callback():
     return SweepDisplay()
 
 
-def run_sweep(path: str | Path, overrides: list[str] = ()) -> Path:
+def run_sweep(path: str | Path, overrides: list[str] = (), warm_start: str | Path | None = None) -> Path:
     """Run (or resume) the sweep; write leaderboard.md, best.yaml and the report; return its directory."""
     from ray import tune
 
@@ -221,6 +261,10 @@ def run_sweep(path: str | Path, overrides: list[str] = ()) -> Path:
     from .report import write_report
 
     sweep, base, params = load_sweep(path, overrides)
+    if warm_start is not None:  # checked before any cluster starts
+        if has_grid(params):
+            raise ConfigError("--warm-start", "a space with grid entries is run by Tune's grid, not Optuna")
+        warm_start_trials(warm_start, params)
     settings = sweep.sweep
     sweep_dir = Path(settings.storage_path).resolve() / settings.name
     trials = num_trials(sweep, params)
@@ -257,7 +301,7 @@ def run_sweep(path: str | Path, overrides: list[str] = ()) -> Path:
             )
         else:
             _record_sweep(sweep_dir, path, overrides, params)
-            tuner = _new_tuner(trainable, sweep, params, sweep_dir)
+            tuner = _new_tuner(trainable, sweep, params, sweep_dir, warm_start and Path(warm_start))
         _LIVE[:] = [_Watch(progress, base, sweep, sweep_dir)]
         try:
             with LeakedGroups(sweep.trial.scale):

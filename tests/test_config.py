@@ -47,6 +47,21 @@ def test_defaults_and_overrides(tmp_path):
         ("", ["optim.per_layer=true", "scale.num_workers=2"], "optim.per_layer", "single worker"),
         (
             "",
+            ["scale.use_gpu=true", "scale.num_workers=2", "scale.gpus_per_worker=0.5"],
+            "scale.gpus_per_worker",
+            "whole GPUs (1)",
+        ),
+        ("", ["train.micro_batch_size=auto"], "train.micro_batch_size", "train.sequences_per_step"),
+        ("", ["train.micro_batch_size=big"], "train.micro_batch_size", "int or one of auto"),
+        (
+            "",
+            ["train.micro_batch_size=auto", "train.sequences_per_step=8"],
+            "train.micro_batch_size",
+            "scale.gpu_memory_gb",
+        ),
+        ("", ["train.sequences_per_step=12"], "train.sequences_per_step", "micro_batch_size x grad_accum"),
+        (
+            "",
             ["train.cuda_graphs=true", "scale.use_gpu=true", "train.activation_checkpointing=true"],
             "train.cuda_graphs",
             "train.activation_checkpointing=false",

@@ -352,3 +352,25 @@ def test_with_activation_checkpointing_the_blocks_save_nothing_for_backward(data
     assert kept == checkpointed - tokens * vocab * (4 + 4 + 4)  # the loss's part is the larger here
     assert on == pytest.approx(kept, rel=0.1)
     assert on < off / 3
+
+
+def test_an_auto_micro_batch_is_the_largest_that_fits_the_gpu_share_and_keeps_the_step(tmp_path):
+    """train.micro_batch_size auto: the largest divisor of sequences_per_step whose refresh-step peak
+    fits scale.gpu_memory_gb x scale.gpus_per_worker, grad_accum the rest; a config over its share
+    is said not to fit."""
+    from loqt_ray.config import load_config
+    from loqt_ray.memory import fit_shortfall, trainer_estimate
+
+    base = ["model.size=1b", "loqt.rank=512", "scale.use_gpu=true", "train.dtype=bfloat16",
+            "scale.gpu_memory_gb=48", "scale.gpus_per_worker=0.5",
+            "train.sequences_per_step=512"]  # fmt: skip
+    cfg = load_config(None, [*base, "train.micro_batch_size=auto"])
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    assert micro * accum == 512 and 1 < micro < 512
+    assert trainer_estimate(cfg).peak <= 24 * GIB and fit_shortfall(cfg) is None
+    bigger = [d for d in range(micro + 1, 513) if 512 % d == 0][0]
+    over = load_config(None, [*base, f"train.micro_batch_size={bigger}", f"train.grad_accum={512 // bigger}"])
+    assert trainer_estimate(over).peak > 24 * GIB
+    assert fit_shortfall(over).startswith("does not fit: peak ") and fit_shortfall(over).endswith(
+        "> 24.00 GiB"
+    )
