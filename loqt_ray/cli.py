@@ -82,7 +82,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     sweep_dir = run_sweep(args.sweep_file, args.overrides, args.warm_start)  # validated before a cluster
     print((sweep_dir / rundir.LEADERBOARD_FILE).read_text(), end="")
-    print(describe(sweep_dir / rundir.BEST_FILE))
+    best = sweep_dir / rundir.BEST_FILE
+    print(describe(best) if best.exists() else "no trial reported a validation perplexity: nothing exported")
     print(f"sweep: {sweep_dir}")
     return 0
 

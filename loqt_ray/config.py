@@ -345,6 +345,11 @@ class SweepSettings:
     """An evaluation (and an ASHA decision point) every so many tokens."""
     seed: int = 0
     """The search's seed (TPE, or the grid's random entries)."""
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers every trial's config and metrics go to, through Ray Tune's own logger
+    callbacks: tensorboard (event files in each trial's directory), wandb (offline into the sweep
+    directory unless you are logged in), mlflow (a SQLite file in the sweep directory unless
+    MLFLOW_TRACKING_URI is set)."""
 
 
 @dataclass

@@ -22,7 +22,8 @@ def _trial_id(trial_dir: Path) -> str:
 
 def _trial_row(config_path: Path) -> dict:
     run, trial_dir = config_path.parent, config_path.parent.parent
-    evals = [m for m in read_metrics(run) if "val_ppl" in m]
+    logged = read_metrics(run)
+    evals = [m for m in logged if "val_ppl" in m]
     cfg = yaml.safe_load(config_path.read_text())
     finished = bool(evals) and evals[-1]["step"] == cfg["train"]["steps"]
     failed = (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists()
@@ -34,6 +35,9 @@ def _trial_row(config_path: Path) -> dict:
         "tokens": evals[-1]["tokens"] if evals else 0,
         "val_ppl": evals[-1]["val_ppl"] if evals else float("inf"),
         "curve": [(m["tokens"], m["val_ppl"]) for m in evals],
+        # the cost side: the run's peak memory (GiB) and its training tokens/s, as last logged
+        "memory_gib": logged[-1]["memory_mb"] / 1024 if logged and "memory_mb" in logged[-1] else None,
+        "tokens_per_s": logged[-1].get("tokens_per_s") if logged else None,
         "params": json.loads(params_file.read_text()) if params_file.exists() else {},
         "config": cfg,
     }

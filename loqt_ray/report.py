@@ -3,6 +3,7 @@
 Writes into the report directory:
   val_ppl.png              validation perplexity against tokens seen, one line per trial;
                            trials ASHA stopped early end in an x, failed ones in red
+  tradeoff.png             val ppl against each trial's peak memory and tokens/s
   importances.png          Optuna PED-ANOVA parameter importances
   parallel_coordinates.png Optuna parallel coordinates of the sampled values
   summary.md               counts, tokens trained, the best trial and the leaderboard
@@ -52,6 +53,32 @@ def _plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_tradeoff(rows: list[dict], path: Path) -> None:
+    """Val ppl against what each trial cost, peak memory and tokens/s, side by side: a slightly
+    worse trial can be much cheaper. Trials stopped early are judged at the tokens they reached."""
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in rows if r["curve"] and r["memory_gib"] is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, key, label in (
+        (axes[0], "memory_gib", "peak memory (GiB)"),
+        (axes[1], "tokens_per_s", "tokens/s"),
+    ):
+        for r in ran:
+            marker = "o" if r["status"] == "completed" else "x"
+            ax.scatter(r[key], r["val_ppl"], marker=marker, s=60 if r is rows[0] else 30)
+            ax.annotate(
+                r["trial"], (r[key], r["val_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        ax.set_xlabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("validation perplexity (o: completed, x: stopped early)")
+    axes[0].set_yscale("log")
+    fig.suptitle("What each trial reached against what it cost")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _study_at_common_tokens(rows: list[dict], space_path: Path):
     """An Optuna study of every trial's val ppl at the most tokens all of them reached."""
     import optuna
@@ -94,6 +121,19 @@ def _summary_lines(rows: list[dict], sweep: dict, name: str) -> list[str]:
         f"{best_line}, with {values}.",
         "",
         "![validation perplexity](val_ppl.png)",
+        "",
+        "## Quality against cost",
+        "",
+        "| trial | status | val ppl | peak memory GiB | tokens/s |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['trial']} | {r['status']} | {r['val_ppl']:.2f} | {r['memory_gib']:.2f} | "
+            f"{r['tokens_per_s']:.0f} |"
+            for r in rows
+            if r["memory_gib"] is not None
+        ),
+        "",
+        "![quality against cost](tradeoff.png)",
         "",
         "## Leaderboard",
         "",
@@ -149,6 +189,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     out = Path(out_dir) if out_dir else sweep_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     _plot_curves(rows, out / "val_ppl.png")
+    _plot_tradeoff(rows, out / "tradeoff.png")
     sweep = read_yaml(sweep_dir / SWEEP_FILE).get("sweep") or {}
     lines = _summary_lines(rows, sweep, sweep_dir.name)
     study, common = None, 0

@@ -8,9 +8,9 @@ A run directory (`train.output_dir/train.name`) holds
     workers.jsonl    where each worker ran, one line per rank per (re)start
     ray.log          Ray's own console output while the run worked
     checkpoint_*/    checkpoints (checkpoint.py)
-A sweep directory (`sweep.storage_path/sweep.name`) holds sweep.yaml (as run),
-search_space.yaml, optuna.journal (the Optuna study), ray.log, one Tune directory per trial
-with its run in `train/`, leaderboard.md, best.yaml and report/.
+A sweep directory (`sweep.storage_path/sweep.name`) holds sweep.yaml (as run), search_space.yaml,
+optuna.journal (the Optuna study), mlflow.db and wandb/ (trackers), ray.log, one Tune directory
+per trial with its run in `train/`, leaderboard.md, best.yaml and report/.
 
 checkpoint.py owns the checkpoint_* directories and Ray's record of them; everything else in a
 run directory is written and read here. No Ray.
@@ -35,6 +35,7 @@ RAY_LOG = "ray.log"  # Ray's (and Tune's, Optuna's) own console output while a r
 TRIAL_RUN = "train"  # the run inside each trial directory
 SWEEP_FILE = "sweep.yaml"
 SPACE_FILE = "search_space.yaml"
+MLFLOW_DB = "mlflow.db"  # MLflow's runs of a sweep's trials, unless MLFLOW_TRACKING_URI names a server
 OPTUNA_JOURNAL = "optuna.journal"  # the sweep's Optuna study (its name is the sweep's), Optuna's own storage
 LEADERBOARD_FILE = "leaderboard.md"
 BEST_FILE = "best.yaml"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .rundir import (
     BEST_FILE,
     LEADERBOARD_FILE,
     METRICS_FILE,
+    MLFLOW_DB,
     RAY_LOG,
     REPORT_DIR,
     SPACE_FILE,
@@ -106,6 +108,44 @@ def optuna_search(sweep: SweepConfig, params: list[Param], sweep_dir: Path, warm
     )
 
 
+def tracking_callbacks(sweep: SweepConfig, sweep_dir: Path) -> list:
+    """Ray Tune's logger callbacks for sweep.loggers, beside its JSON results (which the sweep's
+    own tools read). Nothing leaves the machine unless the user set it up: W&B runs offline into
+    the sweep directory unless an API key or a login is found, MLflow writes a SQLite file there
+    unless MLFLOW_TRACKING_URI names a server."""
+    from ray.tune.logger import JsonLoggerCallback, TBXLoggerCallback
+
+    callbacks = [JsonLoggerCallback()]
+    loggers, name = sweep.sweep.loggers, sweep.sweep.name
+    if "tensorboard" in loggers:
+        callbacks.append(TBXLoggerCallback())
+    if "wandb" in loggers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        mode = "online" if _wandb_logged_in() else "offline"
+        if mode == "offline":  # Ray's callback asks for a key unless the mode says offline
+            os.environ.setdefault("WANDB_MODE", "offline")
+        callbacks.append(WandbLoggerCallback(project=name, mode=mode, dir=str(sweep_dir), log_config=True))
+    if "mlflow" in loggers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{sweep_dir / MLFLOW_DB}"
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name))
+    return callbacks
+
+
+def _wandb_logged_in() -> bool:
+    """Whether W&B has a key: WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def _new_tuner(trainable, sweep: SweepConfig, params: list[Param], sweep_dir: Path, warm_start: Path | None):
     """A fresh Tune run: OptunaSearch (seeded TPE, its study in the sweep directory), or Tune's
     seeded grid/random generator when the space has grid entries (Optuna cannot take a grid beside
@@ -145,7 +185,10 @@ def _new_tuner(trainable, sweep: SweepConfig, params: list[Param], sweep_dir: Pa
         param_space=grid,
         tune_config=tune_config,
         run_config=tune.RunConfig(
-            name=settings.name, storage_path=str(sweep_dir.parent), verbose=0, callbacks=[_display_callback()]
+            name=settings.name,
+            storage_path=str(sweep_dir.parent),
+            verbose=0,
+            callbacks=[_display_callback(), *tracking_callbacks(sweep, sweep_dir)],
         ),
     )
 
@@ -294,6 +337,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), warm_start: str | Pat
             run_trial, base=base, sweep_dict=dataclasses.asdict(sweep), sweep_dir=str(sweep_dir)
         )
         trainable = tune.with_resources(trial, {"cpu": TRIAL_CPU})
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the trackers are sweep.loggers alone
         if tune.Tuner.can_restore(str(sweep_dir)):
             progress.write(f"{settings.name}: resuming; finished trials are not run again")
             tuner = tune.Tuner.restore(
@@ -309,7 +353,9 @@ def run_sweep(path: str | Path, overrides: list[str] = (), warm_start: str | Pat
         finally:
             _LIVE.clear()
             progress.close()
-    (sweep_dir / LEADERBOARD_FILE).write_text(leaderboard_markdown(leaderboard(sweep_dir)))
-    export(sweep_dir, sweep_dir / BEST_FILE)
+    rows = leaderboard(sweep_dir)
+    (sweep_dir / LEADERBOARD_FILE).write_text(leaderboard_markdown(rows))
+    if any(r["status"] != "failed" and r["val_ppl"] < float("inf") for r in rows):  # else nothing to pick
+        export(sweep_dir, sweep_dir / BEST_FILE)
     write_report(sweep_dir, sweep_dir / REPORT_DIR)
     return sweep_dir

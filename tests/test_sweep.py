@@ -70,9 +70,11 @@ def test_sweep_file_errors_exit_2_before_a_cluster_starts(tmp_path, capsys):
 def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
     """A real sweep: local Ray, a grid beside sampled values, ASHA, 4 trials of 1 DeepSpeed worker each.
     (Optuna's TPE, used when a space has no grid, runs in test_cluster's sweep job.)"""
+    import optuna
     import ray
 
     from loqt_ray.ray_session import start_local_ray
+    from loqt_ray.sweep_plan import study_storage
 
     # A grid of a useful and a useless lr, twice: at least one useless trial must be stopped at the
     # first rung, since it cannot beat a useful one that already reported there.
@@ -87,11 +89,12 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
         name="t",
         storage_path=str(tmp_path / "sweeps"),
         num_samples=2,
-        tokens_per_trial=8 * 64 * 24,
-        eval_every_tokens=8 * 64 * 6,
+        tokens_per_trial=8 * 64 * 96,
+        eval_every_tokens=8 * 64 * 24,
         search_space=str(space),
+        loggers=["tensorboard", "wandb", "mlflow"],
     )
-    spec["asha"]["grace_period_tokens"] = 8 * 64 * 6
+    spec["asha"]["grace_period_tokens"] = 8 * 64 * 24
     spec["trial"]["model"] = {"size": "nano"}
     spec["trial"]["data"] = {"data_dir": data_dir, "vocab_size": 2048, "seq_len": 64}
     spec["trial"]["train"] = {"micro_batch_size": 8, "eval_tokens": 2048}
@@ -107,7 +110,7 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
         # The live display: the plan at once, a status line and a line per trial that ended; Ray's
         # own banners and warnings went to ray.log instead of the console.
         console = capfd.readouterr().err
-        plan = console.index("t: 4 trials of 12,288 tokens, 2 at a time, ASHA from 3,072 tokens")
+        plan = console.index("t: 4 trials of 49,152 tokens, 2 at a time, ASHA from 12,288 tokens")
         assert plan < console.index("t: starting Ray") < console.index(" of 4 trials |")  # the plan first
         assert "of 4 trials |" in console and "best val ppl" in console
         stopped = [r for r in rows if r["status"] == "stopped early"]
@@ -130,11 +133,24 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
         # Async ASHA may also stop a useful trial that reached a rung behind a better one; a useless
         # one must go, and the best must be useful.
         assert any(r["params"]["optim.lr"] == 1e-5 for r in stopped)
-        assert all(r["tokens"] < 8 * 64 * 24 for r in stopped)
+        assert all(r["tokens"] < 8 * 64 * 96 for r in stopped)
         assert rows[0]["params"]["optim.lr"] == 1e-2
-        assert all(0 < r["tokens"] <= 8 * 64 * 24 for r in rows)
+        assert all(0 < r["tokens"] <= 8 * 64 * 96 for r in rows)
         assert rows[0]["val_ppl"] == min(r["val_ppl"] for r in rows)
         assert "| trial | status | tokens | val ppl |" in (sweep_dir / "leaderboard.md").read_text()
+
+        # The trackers, through Ray Tune's own callbacks, offline into the sweep directory: a W&B
+        # run and an MLflow run per trial with its settings and metrics, TensorBoard events.
+        ids = {r["trial"] for r in rows}
+        offline = list((sweep_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert {path.stem.removeprefix("run-") for path in offline} == ids
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{sweep_dir / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+        assert len(runs) == 4 and all("val_ppl" in run.data.metrics for run in runs)
+        assert {run.data.params["optim.lr"] for run in runs} == {"0.01", "1e-05"}
+        assert all(list(Path(r["dir"]).glob("events.out.tfevents.*")) for r in rows)
 
         best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
         assert best["provenance"]["trial"] == rows[0]["trial"] and best["model"]["size"] == "60m"
@@ -145,7 +161,7 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
         # The report: plots and a summary from the sweep directory's files alone.
         summary = (sweep_dir / "report" / "summary.md").read_text()
         assert f"Best: trial {rows[0]['trial']}" in summary and "Parameter importances (PED-ANOVA" in summary
-        for png in ("val_ppl", "importances", "parallel_coordinates"):
+        for png in ("val_ppl", "tradeoff", "importances", "parallel_coordinates"):
             assert (sweep_dir / "report" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert main(["report", str(sweep_dir), "-o", str(tmp_path / "r")]) == 0
         assert (tmp_path / "r" / "summary.md").read_text() == summary
@@ -159,6 +175,20 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
         assert (
             main(["export", str(sweep_dir), "-o", str(sweep_dir / "best.yaml")]) == 2
         )  # no silent overwrite
+
+        # A trial over its GPU share (0.05 GiB here: gpu_memory_gb x gpus_per_worker) fails before
+        # any worker starts, and Optuna hears of a failed trial. (TPE's seed 4 proposes 64 first.)
+        fit_space = {"optim.lr": {"loguniform": [3e-3, 1e-2]}, "train.micro_batch_size": {"choice": [4, 64]}}
+        fit_space_file = write(tmp_path, "fit.yaml", {"params": fit_space})
+        spec["sweep"].update(name="fit", num_samples=1, seed=4, search_space=str(fit_space_file))
+        spec["trial"]["scale"]["gpu_memory_gb"] = 0.1
+        assert main(["sweep", str(write(tmp_path, "fit_sweep.yaml", spec))]) == 0
+        (row,) = leaderboard(tmp_path / "sweeps" / "fit")
+        assert row["status"] == "failed" and row["params"]["train.micro_batch_size"] == 64
+        assert not (Path(row["dir"]) / "train" / "workers.jsonl").exists()  # no worker ever started
+        assert "does not fit: peak " in capfd.readouterr().err
+        study = optuna.load_study(study_name="fit", storage=study_storage(tmp_path / "sweeps" / "fit"))
+        assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
     finally:
         ray.shutdown()
 
@@ -319,3 +349,102 @@ def test_a_warm_start_from_another_space_is_refused_before_any_cluster(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--warm-start" in err[0] and "another space" in err[0]
     assert not ray.is_initialized() and not (tmp_path / "s").exists()
+
+
+def _processes_with(marker: str) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("LOQT_TEST_SWEEP") == marker:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_sweep_whose_driver_is_killed_mid_trial_goes_on_from_the_trials_last_rung(tmp_path, data_dir):
+    """`loqt-ray sweep` killed (SIGKILL of its process group) after its first trial's first rung,
+    then run again: the trial goes on from its rung's checkpoint (no step trained or logged twice)
+    and ends where the same trial run straight ends; the Optuna study in the sweep directory can be
+    read while the sweep is down and after it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    import optuna
+    import torch
+
+    from loqt_ray.checkpoint import latest, step_of
+    from loqt_ray.engine import engine_for
+    from loqt_ray.rundir import read_metrics
+    from loqt_ray.sweep_plan import study_storage
+    from loqt_ray.trainer import Trainer
+
+    space = write(tmp_path, "space.yaml", {"params": {"optim.lr": {"loguniform": [3e-3, 1e-2]}}})
+    spec = yaml.safe_load((ROOT / "jobs" / "sweep.yaml").read_text())
+    spec["sweep"].update(name="k", storage_path=str(tmp_path / "sweeps"), num_samples=2,
+                         max_concurrent_trials=1, tokens_per_trial=8 * 64 * 96,
+                         eval_every_tokens=8 * 64 * 24, search_space=str(space))  # fmt: skip
+    spec["asha"]["grace_period_tokens"] = 8 * 64 * 24
+    spec["trial"].update(model={"size": "nano"},
+                         data={"data_dir": data_dir, "vocab_size": 2048, "seq_len": 64},
+                         train={"micro_batch_size": 8, "eval_tokens": 2048})  # fmt: skip
+    spec["trial"]["scale"].update(cpus_per_worker=1)
+    path = write(tmp_path, "sweep.yaml", spec)
+    sweep_dir = tmp_path / "sweeps" / "k"
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "LOQT_TEST_SWEEP": marker}
+    cmd = [sys.executable, "-m", "loqt_ray.cli", "sweep", str(path)]
+
+    driver = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "first.log", "w"))  # fmt: skip
+    try:
+        deadline, rung = time.monotonic() + 400, None
+        while rung is None and time.monotonic() < deadline and driver.poll() is None:
+            found = list(sweep_dir.glob("*/train/checkpoint_*/step.json"))
+            rung = found[0].parent if found else None  # the first trial's first rung: kill now
+            time.sleep(0.1)
+        assert rung is not None, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    for _ in range(120):  # the local Ray the driver started goes with it; what is left is stopped
+        if not _processes_with(marker):
+            break
+        time.sleep(0.5)
+    for proc in _processes_with(marker):
+        proc.kill()
+    run = rung.parent
+    at_kill, resumed_at = read_metrics(run), step_of(latest(run))
+    study = optuna.load_study(study_name="k", storage=study_storage(sweep_dir))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.RUNNING]  # the sweep is down
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rows = read_metrics(run)
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == 96  # every step logged once, to the end
+    kill_time = max(row["time"] for row in at_kill)
+    assert resumed_at % 24 == 0 and 24 <= resumed_at < 96  # a rung's checkpoint
+    assert at_kill[-1]["step"] - resumed_at <= 24  # at most one evaluation interval trained again
+    assert all((row["time"] <= kill_time) == (row["step"] <= resumed_at) for row in rows)
+    assert len({row["time"] for row in read_workers(run)}) == 2  # two starts of its workers
+    study = optuna.load_study(study_name="k", storage=study_storage(sweep_dir))
+    assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+    # The same trial run straight, in this process, as its worker ran it (its engine, one thread).
+    cfg = load_config(run / "config.yaml", [f"train.output_dir={tmp_path / 'straight'}"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = Trainer(cfg, make_engine=engine_for(cfg)).train()
+    finally:
+        torch.set_num_threads(threads)
+    assert rows[-1]["val_ppl"] == pytest.approx(straight["val_ppl"], rel=1e-4)
