@@ -65,7 +65,12 @@ def digest_loop(config):
     class Digests(Sink):  # to files only: Ray needs nothing from this loop (no checkpoints, no Tune)
         def log(self, metrics):
             with open(out / f"loss{rank}.jsonl", "a") as f:
-                f.write(json.dumps({"step": metrics["step"], "loss": metrics["train_loss"]}) + "\n")
+                row = {
+                    "step": metrics["step"],
+                    "loss": metrics["train_loss"],
+                    "repairs": metrics["rank_repairs"],
+                }
+                f.write(json.dumps(row) + "\n")
 
         def checkpoint(self, metrics, state):
             save(state())
@@ -115,10 +120,9 @@ def straight(ray_cluster, data_dir, tmp_path_factory):
     cfg = two_worker_config(data_dir, out, "straight", STEPS, *extra)
     assert cfg.refresh_method() == "offload" and cfg.train.grad_accum == 2
     ranks = fit_digest_run(cfg, out)
-    losses = {
-        row["step"]: row["loss"] for row in map(json.loads, (out / "loss0.jsonl").read_text().splitlines())
-    }
-    return ranks, losses
+    rows = [json.loads(line) for line in (out / "loss0.jsonl").read_text().splitlines()]
+    assert all(row["repairs"] == 0 for row in rows)  # the ranks' merges agree without repair
+    return ranks, {row["step"]: row["loss"] for row in rows}
 
 
 def test_two_workers_learn_and_keep_identical_quantized_weights(straight):
@@ -148,6 +152,8 @@ def test_layerwise_refreshes_agree_across_ranks(ray_cluster, data_dir, tmp_path)
         "train.checkpoint_every=4",
     )
     ranks = fit_digest_run(cfg, tmp_path)
+    repairs = [json.loads(line)["repairs"] for line in (tmp_path / "loss0.jsonl").read_text().splitlines()]
+    assert repairs and all(r == 0 for r in repairs)  # P taken from the reduced gradient agrees as is
     assert [row["step"] for row in ranks[0]] == [4, 8]
     for row0, row1 in zip(*ranks, strict=True):
         assert row0["w"] == row1["w"] and row0["p"] == row1["p"]
@@ -208,6 +214,7 @@ def test_a_killed_worker_and_a_rerun_on_one_worker_resume_from_checkpoints_and_r
     assert not orphan.exists()  # the first worker to start here deleted it
     assert (run / "killed").exists() and (run / "resumed_from").read_text().split() == ["6"]
     assert [row["step"] for row in read_metrics(run)] == list(range(1, 13))  # steps 7-9 once
+    assert all(row["rank_repairs"] == 0 for row in read_metrics(run))  # merges agree on both ranks
     assert read(latest(run) / "state.pt")["step"] == 12
 
     # The step-12 checkpoint (2 workers, ZeRO-2) exports to a plain transformers model.

@@ -268,6 +268,66 @@ def test_error_compensation_lowers_the_approximation_error():
     assert compensation_error(5, quantize_projection=True) < plain
 
 
+def _nf4_roundtrip(w):
+    return NF4Tensor(w, block_size=64, double_quant=False).dequantize()
+
+
+def _compensation_case():
+    """A Gaussian W (NF4's design distribution) with P on W's top-8 right singular directions, as
+    a refresh from a gradient aligned with W gives. Compensation has room here: each iteration
+    moves the quantized target inside span P, and the next quantization's residual shrinks."""
+    from loqt_ray.loqt import top_right_singular_vectors
+
+    w = torch.randn(128, 96, generator=torch.Generator().manual_seed(0)) * 0.02
+    return w, top_right_singular_vectors(w, 8)
+
+
+def _reconstruction_error(w, p, iters, s=0.5):
+    from loqt_ray.loqt import compensate
+
+    target, b = compensate(w, p, s, iters, True, _nf4_roundtrip)
+    return float(torch.linalg.matrix_norm(w - (_nf4_roundtrip(target) + s * b @ p)))
+
+
+def test_compensation_iterations_never_lose_and_five_beat_one_on_real_nf4():
+    """‖W_fp − (deq Q + s·B·P)‖ over 0-6 iterations: non-increasing, and 5 strictly below 1."""
+    w, p = _compensation_case()
+    errors = [_reconstruction_error(w, p, iters) for iters in range(7)]
+    assert all(later <= earlier for earlier, later in zip(errors, errors[1:], strict=False)), errors
+    assert errors[5] < 0.95 * errors[1] < errors[0], errors
+
+
+def _independent_nf4_roundtrip(w):
+    """deq(NF4(w)) written out: bitsandbytes' quantization, then its code book and block scales by
+    hand (two 4-bit codes a byte, high nibble first)."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    codes = torch.stack((packed.reshape(-1) >> 4, packed.reshape(-1) & 15), dim=1).reshape(-1).long()
+    return (state.code[codes].view(-1, 64) * state.absmax.view(-1, 1)).reshape(w.shape)
+
+
+def test_compensation_iterations_are_quantize_fit_the_residual_and_move_the_target_away_from_it():
+    """Two iterations written out here: Q = NF4(T), R = W − deq(Q), B = R·P⁺ / s, starting from
+    T = W, the next T = W − s·B·P; compensation keeps the better (Q, B), here the second."""
+    from loqt_ray.loqt import compensate
+
+    w, p = _compensation_case()
+    s, target, found = 0.5, w, []
+    for _ in range(2):
+        residual = w - _independent_nf4_roundtrip(target)
+        b = residual @ torch.linalg.pinv(p) / s
+        found.append((float(torch.linalg.matrix_norm(residual - s * b @ p)), target, b))
+        target = w - s * b @ p
+    (first, _, b1), (second, t2, b2) = found
+    assert second < first  # the moved target quantizes closer
+    target, b = compensate(w, p, s, 1, True, _nf4_roundtrip)
+    assert torch.equal(target, w) and torch.allclose(b, b1, atol=1e-6)
+    target, b = compensate(w, p, s, 2, True, _nf4_roundtrip)
+    assert torch.allclose(target, t2, atol=1e-7) and torch.allclose(b, b2, atol=1e-6)
+    assert _reconstruction_error(w, p, 2) == pytest.approx(second, rel=1e-5)
+
+
 def test_schedules():
     assert update_steps(600, "exponential", 100, 1.2) == [0, 100, 201, 302, 403, 505]
     assert update_steps(500, "static", 100) == [0, 100, 200, 300, 400]

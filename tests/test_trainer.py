@@ -6,7 +6,7 @@ from conftest import nano_config
 
 from loqt_ray.config import load_config
 from loqt_ray.engine import PlainEngine
-from loqt_ray.trainer import Collect
+from loqt_ray.trainer import Collect, Trainer
 
 
 def test_full_rank_training_lowers_validation_loss(data_dir):
@@ -341,3 +341,48 @@ def test_an_offloaded_refresh_under_accumulation_trains_as_the_exact_one(data_di
     ))  # fmt: skip
     assert offload == pytest.approx(exact, rel=2e-3)
     assert all(layer.host_buffer is None and layer.grad_buffer is None for layer in trainer.layers)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["loqt.refresh=layerwise"], ["loqt.refresh=exact", "train.grad_accum=2"],
+     ["loqt.refresh=offload", "train.grad_accum=2"]],
+    ids=["layerwise", "exact, accumulation", "offload, accumulation"],
+)  # fmt: skip
+def test_p_changes_exactly_on_the_schedules_refresh_steps(data_dir, extra):
+    """Merges every 2 steps, a refresh every 4: over 10 steps P changes at steps 0, 4 and 8 (after
+    each of them) and at no other step; W changes at every merge."""
+    from loqt_ray.schedule import UpdateSchedule
+
+    cfg = nano_config(
+        data_dir, "loqt.update_interval=2", "loqt.refresh_interval=4", "train.steps=10",
+        "train.micro_batch_size=2", *extra,
+    )  # fmt: skip
+    trainer = Trainer(cfg, make_engine=PlainEngine)
+
+    def state(part: str) -> list[torch.Tensor]:
+        return [v.clone() for k, v in trainer.model.state_dict().items() if f".{part}" in k]
+
+    changed_p, changed_w = [], []
+    for step in range(10):
+        p, w = state("projection"), state("weight_q")
+        trainer.train_step()
+        if any(not torch.equal(a, b) for a, b in zip(p, state("projection"), strict=True)):
+            changed_p.append(step)
+        if any(not torch.equal(a, b) for a, b in zip(w, state("weight_q"), strict=True)):
+            changed_w.append(step)
+    schedule = UpdateSchedule(cfg.loqt, cfg.train.steps)
+    assert changed_p == [s for s in range(10) if schedule.is_refresh(s)] == [0, 4, 8]
+    assert changed_w == [0, 2, 4, 6, 8]
+
+
+def test_compensation_iterations_reach_the_merge(data_dir):
+    """loqt.compensation_iters is what the trainer's merges use: off, B is zero after a merge;
+    on, the merge starts B from the compensated residual."""
+
+    def b_after_step_0(iters: int) -> float:
+        trainer = Trainer(nano_config(data_dir, f"loqt.compensation_iters={iters}"), make_engine=PlainEngine)
+        trainer.train_step()
+        return sum(float(layer.B.abs().sum()) for layer in trainer.layers)
+
+    assert b_after_step_0(0) == 0 and b_after_step_0(5) > 0
