@@ -32,7 +32,8 @@ VARIANTS = {
 
 
 class GaLoreEngine(PlainEngine):
-    """GaLore's AdamW with projected states on the attention and MLP matrices."""
+    """GaLore's AdamW with projected states on the attention and MLP matrices; its rank and
+    projection gap are loqt.rank and loqt.update_interval, its scale loqt.lora_alpha."""
 
     def __init__(self, model: torch.nn.Module, cfg):
         from galore_torch import GaLoreAdamW
@@ -52,7 +53,7 @@ class GaLoreEngine(PlainEngine):
                 "params": low_rank,
                 "rank": loqt.rank,
                 "update_proj_gap": loqt.update_interval,
-                "scale": 0.25,
+                "scale": loqt.lora_alpha,  # the same knob as LoQT's s
                 "proj_type": "std",
             },
         ]

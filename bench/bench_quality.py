@@ -1,16 +1,19 @@
-"""Each method at its own best learning rate, at two horizons, tuned the way a user would.
+"""Each method tuned over the same two knobs with the same budget, at two horizons.
 
-Full-rank AdamW, LoQT, LoQT-nq and two LoQT ablations (no error compensation; a static
-merge schedule) each run as one `loqt-ray` sweep over a grid space (every lr of --lrs x
-seeds 0 and 1, ASHA off, one evaluation at the end); GaLore (PyPI galore-torch) runs the
-same grid through this bench's own engine, outside the sweep. Every run sees the same
-tokens in the same order (same data seed); the optimizer settings not in the grid are the
-project's defaults, so the LoQT run at its default lr is also "LoQT left at its defaults".
-The long horizon is --factor times the short one. Prints one table per horizon and writes
-bench/results/quality.json (`best_vs_best`: each method's best over full-rank's best at
-the long horizon). Sweeps resume when rerun, so an interrupted bench picks up where it was.
+The knobs: the learning rate, and the step of the attention and MLP matrices apart from it. The
+scale s multiplies the wrapped matrices' step in LoQT and LoQT-nq (loqt.lora_alpha), GaLore has
+its own scale (taken from loqt.lora_alpha here, so one field serves both), and full-rank gets the
+same freedom through optim.matrix_lr_ratio (the matrices' learning rate over the rest's). Every
+method runs --lrs x its three knob values x seeds 0 and 1, in this process, on the same tokens in
+the same order (the same data seed), every other setting at the project's defaults: the tiny
+LLaMA, rank 32, merges from tau = 25 growing by psi = 1.5. Then, at each method's tuned setting,
+the ablations (LoQT without compensation, with a static schedule), and LoQT at its defaults.
 
-    .venv/bin/python bench/bench_quality.py [--short-steps 50] [--factor 8]
+Prints one table per horizon, writes bench/results/quality.json and the sensitivity heat maps
+(val ppl over lr x knob at the long horizon) to docs/quality_heatmap.png. Finished runs are cached
+under --work, so an interrupted bench picks up where it was.
+
+    .venv/bin/python bench/bench_quality.py [--short-steps 40] [--factor 8]
 """
 
 from __future__ import annotations
@@ -22,154 +25,158 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from bench_loqt import GaLoreEngine
 from recipe import write_result
 
-from loqt_ray.config import DEFAULT_LR, load_config
-from loqt_ray.leaderboard import leaderboard
+from loqt_ray.config import load_config
+from loqt_ray.engine import PlainEngine
 from loqt_ray.trainer import Trainer
-from loqt_ray.tune_run import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-SWEPT = {
-    "full": {"loqt": {"method": "full"}},
-    "loqt": {"loqt": {"method": "loqt"}},
-    "loqt-nq": {"loqt": {"method": "loqt-nq"}},
-    "loqt-nocomp": {"loqt": {"method": "loqt", "compensation_iters": 0}},
-    "loqt-static": {"loqt": {"method": "loqt", "schedule": "static"}},
+# method -> (its settings, the knob it tunes beside the lr, the knob's values)
+METHODS = {
+    "full": (["loqt.method=full"], "optim.matrix_lr_ratio", (0.25, 0.5, 1.0)),
+    "loqt": (["loqt.method=loqt"], "loqt.lora_alpha", (0.125, 0.25, 0.5)),
+    "loqt-nq": (["loqt.method=loqt-nq"], "loqt.lora_alpha", (0.125, 0.25, 0.5)),
+    "galore": (["loqt.method=full"], "loqt.lora_alpha", (0.125, 0.25, 0.5)),
+}
+ABLATIONS = {  # run at LoQT's tuned lr and scale
+    "loqt, no compensation": ["loqt.compensation_iters=0"],
+    "loqt, static schedule": ["loqt.schedule=static"],
 }
 SEEDS = (0, 1)
 SEQ, MICRO_BATCH, RANK = 128, 8, 32
 
 
-def trial_base(method: dict) -> dict:
-    """The config every trial of a method starts from: the tiny LLaMA, rank 32 of 128, merges from
-    tau = 25 growing by psi = 1.5 (the reference's tau = 100 / psi = 1.2 spans 10k steps)."""
-    loqt = {"rank": RANK, "lora_alpha": 0.5, "update_interval": 25, "psi": 1.5, **method["loqt"]}
-    return {
-        "model": {"size": "tiny"},
-        "data": {"data_dir": str(ROOT / "data"), "seq_len": SEQ},
-        "loqt": loqt,
-        "train": {"micro_batch_size": MICRO_BATCH, "eval_tokens": 32768},
-        "scale": {"num_workers": 1, "cpus_per_worker": 0.9, "zero_stage": 0},
-    }
+def recipe(steps: int, data_dir: str) -> list[str]:
+    return [
+        "model.size=tiny", f"data.data_dir={data_dir}", f"data.seq_len={SEQ}", f"loqt.rank={RANK}",
+        "loqt.update_interval=25", "loqt.psi=1.5", f"train.micro_batch_size={MICRO_BATCH}",
+        "train.eval_tokens=32768", f"train.steps={steps}", f"train.eval_every={steps}",
+        f"train.log_every={steps}",
+    ]  # fmt: skip
 
 
-def sweep_method(name: str, steps: int, lrs: list[float], work: Path) -> dict[tuple, float]:
-    """One sweep over lr x seed for a method; {(lr, seed): final val ppl}."""
-    tokens = steps * MICRO_BATCH * SEQ
-    space = work / f"{name}-space.yaml"
-    space.write_text(
-        yaml.safe_dump({"params": {"optim.lr": {"grid": lrs}, "train.seed": {"grid": list(SEEDS)}}})
-    )
-    spec = {
-        "sweep": {
-            "name": f"{name}-{steps}",
-            "storage_path": str(work / "sweeps"),
-            "search_space": str(space),
-            "num_samples": 1,
-            "max_concurrent_trials": 2,
-            "tokens_per_trial": tokens,
-            "eval_every_tokens": tokens,
-        },
-        "asha": {"enabled": False},
-        "trial": trial_base(SWEPT[name]),
-    }
-    path = work / f"{name}-{steps}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    rows = leaderboard(run_sweep(path))
-    return {(r["params"]["optim.lr"], r["params"]["train.seed"]): r["val_ppl"] for r in rows}
+class Runs:
+    """Finished runs' val ppl by their settings, cached in a JSON file."""
+
+    def __init__(self, path: Path, data_dir: str):
+        self.path, self.data_dir = path, data_dir
+        self.done = json.loads(path.read_text()) if path.exists() else {}
+
+    def val_ppl(self, method: str, steps: int, settings: list[str]) -> float:
+        key = f"{method} {steps} " + " ".join(sorted(settings))
+        if key not in self.done:
+            cfg = load_config(None, recipe(steps, self.data_dir) + METHODS[method][0] + settings)
+            engine = GaLoreEngine if method == "galore" else PlainEngine
+            self.done[key] = Trainer(cfg, make_engine=engine).train()["val_ppl"]
+            self.path.write_text(json.dumps(self.done, indent=0))
+            print(f"{key}: {self.done[key]:.2f}", file=sys.stderr, flush=True)
+        return self.done[key]
+
+    def seeds(self, method: str, steps: int, settings: list[str]) -> list[float]:
+        return [self.val_ppl(method, steps, [*settings, f"train.seed={seed}"]) for seed in SEEDS]
 
 
-def galore(steps: int, lrs: list[float], work: Path) -> dict[tuple, float]:
-    """The same grid for GaLore in this process; each finished run is cached in work/."""
-    cache = work / f"galore-{steps}.json"
-    done = json.loads(cache.read_text()) if cache.exists() else {}
-    base = trial_base({"loqt": {"method": "full"}})
+def tune(runs: Runs, method: str, steps: int, lrs: list[float]) -> dict:
+    """The grid's val ppl (mean over seeds) and its best point."""
+    _, knob, values = METHODS[method]
+    grid = {}
     for lr in lrs:
-        for seed in SEEDS:
-            key = f"{lr}/{seed}"
-            if key in done:
-                continue
-            overrides = [f"{section}.{k}={v}" for section, values in base.items() for k, v in values.items()]
-            cfg = load_config(
-                None,
-                [*overrides, f"train.steps={steps}", f"train.eval_every={steps}", f"train.log_every={steps}",
-                 f"optim.lr={lr}", f"train.seed={seed}", f"train.output_dir={work / 'galore-runs'}"],
-            )  # fmt: skip
-            done[key] = Trainer(cfg, make_engine=GaLoreEngine).train()["val_ppl"]
-            cache.write_text(json.dumps(done))
-            print(f"galore {steps} steps lr {lr} seed {seed}: val ppl {done[key]:.2f}", file=sys.stderr)
-    return {(float(k.split("/")[0]), int(k.split("/")[1])): v for k, v in done.items()}
-
-
-def summarize(runs: dict[tuple, float], lrs: list[float]) -> dict:
-    by_lr = {lr: [runs[(lr, seed)] for seed in SEEDS] for lr in lrs}
-    means = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
+        for value in values:
+            grid[(lr, value)] = runs.seeds(method, steps, [f"optim.lr={lr}", f"{knob}={value}"])
+    means = {point: statistics.fmean(v) for point, v in grid.items()}
     best = min(means, key=means.get)
     return {
-        "by_lr": {str(lr): v for lr, v in by_lr.items()},
-        "best_lr": best,
+        "knob": knob,
+        "grid": {f"{lr:g} {value:g}": v for (lr, value), v in grid.items()},
+        "best": {"lr": best[0], knob: best[1]},
         "mean": means[best],
-        "spread": (max(by_lr[best]) - min(by_lr[best])) / 2,  # half the range over the seeds
+        "spread": (max(grid[best]) - min(grid[best])) / 2,  # half the range over the seeds
     }
 
 
-def table(methods: dict[str, dict], steps: int) -> list[str]:
-    full = methods["full"]["mean"]
+def heat_maps(tuned: dict, lrs: list[float], steps: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(tuned), figsize=(4 * len(tuned), 3.6))
+    for ax, (method, t) in zip(axes, tuned.items(), strict=True):
+        values = METHODS[method][2]
+        cells = np.array([[statistics.fmean(t["grid"][f"{lr:g} {v:g}"]) for v in values] for lr in lrs])
+        image = ax.imshow(cells, cmap="viridis_r", aspect="auto")
+        for i in range(len(lrs)):
+            for j in range(len(values)):
+                ax.text(j, i, f"{cells[i, j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+        ax.set_xticks(range(len(values)), [f"{v:g}" for v in values])
+        ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+        ax.set_xlabel(t["knob"])
+        ax.set_ylabel("optim.lr")
+        ax.set_title(method)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle(f"val ppl after {steps} steps (mean of 2 seeds), tiny LLaMA")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def horizon_table(tuned: dict, ablations: dict, default: list[float], steps: int) -> list[str]:
+    full, galore = tuned["full"]["mean"], tuned["galore"]["mean"]
     lines = [
         f"{steps} steps ({steps * MICRO_BATCH * SEQ:,} tokens):",
-        "| method | best val ppl (mean ± half-range, 2 seeds) | / full-rank best | best lr | "
-        "val ppl at the default lr |",
+        "| method | tuned val ppl (2 seeds) | / full-rank | / GaLore | tuned at |",
         "|---|---|---|---|---|",
     ]
-    for name, m in methods.items():
-        default_lr = DEFAULT_LR.get(name, DEFAULT_LR["loqt"] if name != "galore" else None)
-        at_default = m["by_lr"].get(str(default_lr))
-        shown = f"{statistics.fmean(at_default):.2f} (lr {default_lr:g})" if at_default else "-"
+    for name, t in tuned.items():
+        at = ", ".join(f"{k} {v:g}" for k, v in t["best"].items())
         lines.append(
-            f"| {name} | {m['mean']:.2f} ± {m['spread']:.2f} | {m['mean'] / full:.3f} | {m['best_lr']:g} | "
-            f"{shown} |"
+            f"| {name} | {t['mean']:.2f} ± {t['spread']:.2f} | {t['mean'] / full:.3f} | "
+            f"{t['mean'] / galore:.3f} | {at} |"
         )
+    loqt = tuned["loqt"]["mean"]
+    for name, values in {**ablations, "loqt at its defaults": default}.items():
+        mean = statistics.fmean(values)
+        lines.append(f"| {name} | {mean:.2f} ± {(max(values) - min(values)) / 2:.2f} | {mean / full:.3f} | "
+                     f"{mean / galore:.3f} | / tuned LoQT {mean / loqt:.3f} |")  # fmt: skip
     return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--short-steps", type=int, default=50)
+    ap.add_argument("--short-steps", type=int, default=40)
     ap.add_argument("--factor", type=int, default=8)
-    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
-    ap.add_argument("--work", default="runs/bench_quality", help="sweeps and caches (resumable)")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
+    ap.add_argument("--data-dir", default=str(ROOT / "data"))
+    ap.add_argument("--work", default="runs/bench_quality", help="the cache of finished runs (resumable)")
     ap.add_argument("--out", default="bench/results/quality.json")
+    ap.add_argument("--heat-map", default="docs/quality_heatmap.png")
     args = ap.parse_args()
-    work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        import galore_torch  # noqa: F401
-
-        with_galore = True
-    except ImportError:
-        print("galore-torch not installed (pip install galore-torch): skipping GaLore", file=sys.stderr)
-        with_galore = False
-    horizons, lines, start = {}, [], time.perf_counter()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    runs, start = Runs(Path(args.work) / "runs.json", args.data_dir), time.perf_counter()
+    horizons, lines = {}, []
     for steps in (args.short_steps, args.short_steps * args.factor):
-        methods = {name: summarize(sweep_method(name, steps, args.lrs, work), args.lrs) for name in SWEPT}
-        if with_galore:
-            methods["galore"] = summarize(galore(steps, args.lrs, work), args.lrs)
-        full = methods["full"]["mean"]
-        for m in methods.values():
-            m["ratio"] = m["mean"] / full
-        horizons[str(steps)] = {"steps": steps, "tokens": steps * MICRO_BATCH * SEQ, "methods": methods}
-        lines += [*table(methods, steps), ""]
-        print("\n".join(lines), file=sys.stderr)
-    long = horizons[str(args.short_steps * args.factor)]["methods"]
+        tuned = {method: tune(runs, method, steps, args.lrs) for method in METHODS}
+        best = tuned["loqt"]["best"]
+        at_best = [f"optim.lr={best['lr']}", f"loqt.lora_alpha={best['loqt.lora_alpha']}"]
+        ablations = {name: runs.seeds("loqt", steps, [*at_best, *extra]) for name, extra in ABLATIONS.items()}
+        default = runs.seeds("loqt", steps, [])
+        horizons[str(steps)] = {"tuned": tuned, "ablations": ablations, "loqt_default": default}
+        lines += [*horizon_table(tuned, ablations, default, steps), ""]
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    long = horizons[str(args.short_steps * args.factor)]
+    heat_maps(long["tuned"], args.lrs, args.short_steps * args.factor, Path(args.heat_map))
+    loqt, galore, full = (long["tuned"][m]["mean"] for m in ("loqt", "galore", "full"))
     result = {
         "settings": {"short_steps": args.short_steps, "factor": args.factor, "lrs": args.lrs, "seeds": SEEDS,
-                     "trial": trial_base(SWEPT["loqt"]), "default_lr": DEFAULT_LR},
+                     "recipe": recipe(args.short_steps * args.factor, "data"),
+                     "knobs": {m: [k, list(v)] for m, (_, k, v) in METHODS.items()}},
         "wall_s": time.perf_counter() - start,
         "horizons": horizons,
-        "best_vs_best": {name: m["ratio"] for name, m in long.items()},
+        "targets": {"loqt_over_galore": loqt / galore, "loqt_over_full": loqt / full,
+                    "default_over_tuned_loqt": statistics.fmean(long["loqt_default"]) / loqt},
         "table": lines,
     }  # fmt: skip
     print("\n".join(lines))

@@ -198,6 +198,9 @@ class OptimConfig:
     """Steps of linear warmup; none: 10 % of train.steps."""
     min_lr_ratio: float = 0.1
     """The cosine decays to lr x this at train.steps."""
+    matrix_lr_ratio: float = 1.0
+    """The learning rate of the attention and MLP matrices' trainable values (full-rank: their
+    weights; LoQT: their B factors) over the rest's (embeddings, norms, lm_head)."""
     per_layer: bool = False
     """One optimizer per tensor, stepped inside the step's last backward as its gradient completes
     (single worker)."""

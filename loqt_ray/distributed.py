@@ -24,7 +24,7 @@ from .engine import (
     trainable,
 )
 from .memory import zero_bucket
-from .optim import make_optimizer
+from .optim import apply_lr, make_optimizer
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -92,10 +92,11 @@ class DeepSpeedEngine:
         skip_shm_comm_build()
         self.cfg = cfg
         self.names, self.params = trainable(model)
+        self.name_of = {id(p): name for name, p in zip(self.names, self.params, strict=True)}
         use_bf16 = cfg.train.dtype == "bfloat16" and cuda
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
-            optimizer=make_optimizer(self.params, cfg.optim, cfg.peak_lr()),
+            optimizer=make_optimizer(self.params, cfg.optim, cfg.peak_lr(), self.names),
             model_parameters=self.params,
             config=deepspeed_config(cfg, use_bf16, sum(p.numel() for p in self.params)),
             dist_init_required=False,
@@ -103,8 +104,7 @@ class DeepSpeedEngine:
         self.model = self.engine  # forwards go through the engine
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        apply_lr(self.optimizer, lr)
 
     def backward(self, loss: torch.Tensor) -> None:
         # The trainer already divides by grad_accum. DeepSpeed counts micro-batches in its own
@@ -160,7 +160,7 @@ class DeepSpeedEngine:
         collective, on every rank), encoded as the plain engine encodes them."""
         params = {name: self.full_precision(p).cpu() for name, p in zip(self.names, self.params, strict=True)}
         if not self._zero:  # replicated: the torch optimizer steps the parameters themselves
-            return {"params": params, "optimizer": named_optimizer_state(self._base, self.names)}
+            return {"params": params, "optimizer": named_optimizer_state(self._base, self.name_of)}
         from deepspeed.utils import safe_get_full_optimizer_state
 
         step = max((int(s["step"]) for s in self._base.state.values() if "step" in s), default=0)
@@ -179,7 +179,7 @@ class DeepSpeedEngine:
         for name, p in zip(self.names, self.params, strict=True):
             self.set_param(p, state["params"][name].to(p.device))
         if not self._zero:
-            load_named_optimizer_state(self._base, self.names, state["optimizer"])
+            load_named_optimizer_state(self._base, self.name_of, state["optimizer"])
             return
         from deepspeed.utils import safe_set_full_optimizer_state
 

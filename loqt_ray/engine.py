@@ -36,7 +36,7 @@ from typing import Protocol
 import torch
 
 from .config import Config
-from .optim import PerLayerOptimizer, make_optimizer
+from .optim import PerLayerOptimizer, apply_lr, make_optimizer
 
 
 class Engine(Protocol):
@@ -82,16 +82,25 @@ def _on_cpu(value):
     return {k: _on_cpu(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
-def named_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, dict]:
-    """A torch optimizer's per-parameter state (for its params, in the order of `names`) by name."""
+def _names_in_order(optimizer: torch.optim.Optimizer, name_of: dict[int, str]) -> list[str]:
+    """The names of the optimizer's parameters in its state dict's order (group by group)."""
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, name_of: dict[int, str]) -> dict[str, dict]:
+    """A torch optimizer's per-parameter state by name (`name_of`: id(parameter) -> name)."""
     by_index = optimizer.state_dict()["state"]
+    names = _names_in_order(optimizer, name_of)
     return {name: _on_cpu(by_index[i]) for i, name in enumerate(names) if i in by_index}
 
 
-def load_named_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], state: dict) -> None:
+def load_named_optimizer_state(
+    optimizer: torch.optim.Optimizer, name_of: dict[int, str], state: dict
+) -> None:
     """named_optimizer_state's inverse, through the optimizer's own load_state_dict (which casts and
     moves each state like its parameter)."""
     groups = optimizer.state_dict()["param_groups"]
+    names = _names_in_order(optimizer, name_of)
     by_index = {i: state[name] for i, name in enumerate(names) if name in state}
     optimizer.load_state_dict({"state": by_index, "param_groups": groups})
 
@@ -131,10 +140,11 @@ class PlainEngine:
     def __init__(self, model: torch.nn.Module, cfg: Config):
         self.model, self.cfg = model, cfg
         self.names, self.params = trainable(model)
+        self.name_of = {id(p): name for name, p in zip(self.names, self.params, strict=True)}
         if cfg.optim.per_layer:
-            self.optimizer = PerLayerOptimizer(self.params, cfg.optim, cfg.peak_lr())
+            self.optimizer = PerLayerOptimizer(self.params, cfg.optim, cfg.peak_lr(), self.names)
         else:
-            self.optimizer = make_optimizer(self.params, cfg.optim, cfg.peak_lr())
+            self.optimizer = make_optimizer(self.params, cfg.optim, cfg.peak_lr(), self.names)
         self.micro_batches = 0  # backward calls since the last step
 
     @property
@@ -147,8 +157,7 @@ class PlainEngine:
         if isinstance(self.optimizer, PerLayerOptimizer):
             self.optimizer.set_lr(lr)
             return
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        apply_lr(self.optimizer, lr)
 
     def backward(self, loss: torch.Tensor) -> None:
         if isinstance(self.optimizer, PerLayerOptimizer):  # the step's last micro-batch steps
@@ -176,10 +185,10 @@ class PlainEngine:
     def state_dict(self) -> dict:
         if isinstance(self.optimizer, PerLayerOptimizer):
             optimizer = {}
-            for name, p in zip(self.names, self.params, strict=True):
-                optimizer.update(named_optimizer_state(self.optimizer.optimizers[p], [name]))
+            for p in self.params:
+                optimizer.update(named_optimizer_state(self.optimizer.optimizers[p], self.name_of))
         else:
-            optimizer = named_optimizer_state(self.optimizer, self.names)
+            optimizer = named_optimizer_state(self.optimizer, self.name_of)
         params = {
             name: p.detach().float().cpu().clone() for name, p in zip(self.names, self.params, strict=True)
         }
@@ -189,10 +198,10 @@ class PlainEngine:
         for name, p in zip(self.names, self.params, strict=True):
             self.set_param(p, state["params"][name])
         if isinstance(self.optimizer, PerLayerOptimizer):
-            for name, p in zip(self.names, self.params, strict=True):
-                load_named_optimizer_state(self.optimizer.optimizers[p], [name], state["optimizer"])
+            for p in self.params:
+                load_named_optimizer_state(self.optimizer.optimizers[p], self.name_of, state["optimizer"])
         else:
-            load_named_optimizer_state(self.optimizer, self.names, state["optimizer"])
+            load_named_optimizer_state(self.optimizer, self.name_of, state["optimizer"])
 
     def state_bytes(self) -> dict:
         return held_bytes(self.model, self.params, optimizer_tensors(self._optimizers), self._optimizers)

@@ -13,15 +13,38 @@ import math
 
 import torch
 
-from .config import Config, OptimConfig
+from .config import LINEAR_NAMES, Config, OptimConfig
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def lr_ratio(name: str, cfg: OptimConfig) -> float:
+    """optim.matrix_lr_ratio for a value of an attention or MLP matrix (its weight, or LoQT's B),
+    1 for the rest."""
+    parts = name.split(".")
+    return cfg.matrix_lr_ratio if len(parts) >= 2 and parts[-2] in LINEAR_NAMES else 1.0
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float, names: list[str] | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer of `params`; named, they go in one group per learning-rate ratio, each group
+    keeping its ratio (apply_lr)."""
+    groups: dict[float, list] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(lr_ratio(names[i], cfg) if names else 1.0, []).append(p)
+    param_groups = [{"params": ps, "lr": lr * ratio, "lr_ratio": ratio} for ratio, ps in groups.items()]
     if cfg.name == "adam8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.Adam8bit(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return bnb.optim.Adam8bit(
+            param_groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(param_groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The step's learning rate in every group, times the group's ratio."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -45,9 +68,11 @@ class PerLayerOptimizer:
     tensor's accumulated gradient is clipped to optim.grad_clip by its own norm.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float):
+    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float, names: list[str]):
         self.cfg = cfg
-        self.optimizers = {p: make_optimizer([p], cfg, lr) for p in params}
+        self.optimizers = {
+            p: make_optimizer([p], cfg, lr, [name]) for p, name in zip(params, names, strict=True)
+        }
         self.lr = lr
         self.stepping = True  # whether the backward under way completes the step's gradients
         self._handles = [p.register_post_accumulate_grad_hook(self._step_one) for p in params]
@@ -58,8 +83,7 @@ class PerLayerOptimizer:
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p], self.cfg.grad_clip)
         opt = self.optimizers[p]
-        for group in opt.param_groups:
-            group["lr"] = self.lr
+        apply_lr(opt, self.lr)
         opt.step()
         p.grad = None
 

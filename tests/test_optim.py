@@ -41,7 +41,9 @@ def test_per_layer_updates_step_inside_backward_and_free_gradients():
     model = loqt_model()
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    opt = PerLayerOptimizer(params, OptimConfig(grad_clip=1.0), lr=1e-2)
+    opt = PerLayerOptimizer(
+        params, OptimConfig(grad_clip=1.0), lr=1e-2, names=[str(i) for i in range(len(params))]
+    )
     assert len(opt.optimizers) == len(params)
     loss_of(model).backward()
     assert all(p.grad is None for p in params)  # each gradient freed as soon as it was used
@@ -67,3 +69,24 @@ def test_defaults_follow_the_reference_recipe_per_method():
     assert (loqt.optim.grad_clip, loqt.optim.eps, loqt.loqt.quantize_projection) == (0.0, 1e-6, True)
     assert load_config(None, ["optim.lr=3e-4", "loqt.method=full"]).peak_lr() == 3e-4  # set wins
     assert load_config(None, ["train.steps=60000"]).warmup_steps() == 6000
+
+
+@pytest.mark.parametrize("method", ["full", "loqt"])
+def test_the_matrices_take_their_own_learning_rate_ratio(data_dir, method):
+    """optim.matrix_lr_ratio: the attention and MLP matrices' trainable values (full-rank's weights,
+    LoQT's B) step at lr x ratio at every step of the schedule, the rest at lr."""
+    from conftest import nano_config
+
+    from loqt_ray.engine import PlainEngine
+    from loqt_ray.trainer import Trainer
+
+    cfg = nano_config(data_dir, f"loqt.method={method}", "optim.matrix_lr_ratio=0.25", "train.steps=3")
+    trainer = Trainer(cfg, make_engine=PlainEngine)
+    trainer.train_step()
+    groups = {group["lr_ratio"]: group for group in trainer.engine.optimizer.param_groups}
+    assert set(groups) == {0.25, 1.0}
+    name_of = trainer.engine.name_of
+    matrices = {name_of[id(p)].rsplit(".", 2)[-2] for p in groups[0.25]["params"]}
+    assert matrices == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert all(name_of[id(p)].rsplit(".", 2)[-2] not in matrices for p in groups[1.0]["params"])
+    assert groups[0.25]["lr"] == pytest.approx(0.25 * trainer.lr) and groups[1.0]["lr"] == trainer.lr

@@ -27,6 +27,7 @@ PATHS = {
         "loqt.refresh=offload",
     ],
     "accumulation, exact refresh": ["train.grad_accum=2", "loqt.refresh=exact"],
+    "full, matrices at a quarter of the lr": ["loqt.method=full", "optim.matrix_lr_ratio=0.25"],
 }  # fmt: skip
 
 
