@@ -78,13 +78,15 @@ def worker_loop(config: dict) -> None:
 
 
 def record_placement(out: Path, rank: int, world_size: int) -> None:
-    """Rank 0 appends where every rank runs (node, host, pid) to the run's workers.jsonl, gathered
-    over the process group."""
+    """Rank 0 appends where every rank runs (node, host, pid, and the GPU it was given: Ray's
+    CUDA_VISIBLE_DEVICES and the device's name) to the run's workers.jsonl, gathered over the
+    process group."""
     import ray
-    import torch.distributed
+    import torch
 
     me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-          "pid": os.getpid()}  # fmt: skip
+          "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
     everyone = [me]
     if world_size > 1:
         everyone = [None] * world_size

@@ -4,6 +4,7 @@ Writes into the report directory:
   val_ppl.png              validation perplexity against tokens seen, one line per trial;
                            trials ASHA stopped early end in an x, failed ones in red
   tradeoff.png             val ppl against each trial's peak memory and tokens/s
+  lr_scale.png             val ppl over the trials' lr and lora_alpha, when both were searched
   importances.png          Optuna PED-ANOVA parameter importances
   parallel_coordinates.png Optuna parallel coordinates of the sampled values
   summary.md               counts, tokens trained, the best trial and the leaderboard
@@ -77,6 +78,38 @@ def _plot_tradeoff(rows: list[dict], path: Path) -> None:
     fig.suptitle("What each trial reached against what it cost")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+LR_SCALE = ("optim.lr", "loqt.lora_alpha")  # the two knobs the report maps together
+
+
+def _plot_lr_scale(rows: list[dict], path: Path) -> bool:
+    """Val ppl over the trials' (lr, lora_alpha), both axes log: the two knobs are separate, and
+    the map shows whether their best lies along a line or at a point. False when the sweep did not
+    search both."""
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in rows if r["curve"] and all(k in r["params"] for k in LR_SCALE)]
+    if len(ran) < 2:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 5))
+    points = ax.scatter(
+        [r["params"][LR_SCALE[0]] for r in ran],
+        [r["params"][LR_SCALE[1]] for r in ran],
+        c=[r["val_ppl"] for r in ran],
+        cmap="viridis_r",
+        s=[60 if r["status"] == "completed" else 25 for r in ran],
+        norm="log",
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(LR_SCALE[0])
+    ax.set_ylabel(LR_SCALE[1])
+    ax.set_title("val ppl per trial (large: completed; small: stopped at a rung)")
+    fig.colorbar(points, ax=ax, label="validation perplexity")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
 
 
 def _study_at_common_tokens(rows: list[dict], space_path: Path):
@@ -190,8 +223,11 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     _plot_curves(rows, out / "val_ppl.png")
     _plot_tradeoff(rows, out / "tradeoff.png")
+    lr_scale = _plot_lr_scale(rows, out / "lr_scale.png")
     sweep = read_yaml(sweep_dir / SWEEP_FILE).get("sweep") or {}
     lines = _summary_lines(rows, sweep, sweep_dir.name)
+    if lr_scale:
+        lines += ["", "## The lr and the scale", "", "![val ppl over lr and lora_alpha](lr_scale.png)"]
     study, common = None, 0
     if (sweep_dir / SPACE_FILE).exists():
         study, common = _study_at_common_tokens(rows, sweep_dir / SPACE_FILE)

@@ -68,3 +68,12 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert graphs["eager_loqt_over_full"] > 0 and "graphed_loqt_over_full" not in graphs  # no graphs on a CPU
     assert "| train_60m | ok |" in proc.stdout  # the summary table
     assert len(list(out.iterdir())) <= 8  # what comes back from the GPU machine
+
+
+def test_the_gpu_sweep_file_plans_two_trials_sharing_one_gpu():
+    """bench/gpu_sweep.sh --cpu: the fractional-GPU sweep the GPU machine runs is valid as shipped."""
+    proc = subprocess.run(
+        ["bench/gpu_sweep.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 at a time: 8.02 CPU + 1 GPU" in proc.stdout and "dry run: nothing started" in proc.stdout

@@ -161,7 +161,7 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
         # The report: plots and a summary from the sweep directory's files alone.
         summary = (sweep_dir / "report" / "summary.md").read_text()
         assert f"Best: trial {rows[0]['trial']}" in summary and "Parameter importances (PED-ANOVA" in summary
-        for png in ("val_ppl", "tradeoff", "importances", "parallel_coordinates"):
+        for png in ("val_ppl", "tradeoff", "lr_scale", "importances", "parallel_coordinates"):
             assert (sweep_dir / "report" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert main(["report", str(sweep_dir), "-o", str(tmp_path / "r")]) == 0
         assert (tmp_path / "r" / "summary.md").read_text() == summary
