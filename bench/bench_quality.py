@@ -64,12 +64,14 @@ class Runs:
         self.path, self.data_dir = path, data_dir
         self.done = json.loads(path.read_text()) if path.exists() else {}
 
-    def val_ppl(self, method: str, steps: int, settings: list[str]) -> float:
-        key = f"{method} {steps} " + " ".join(sorted(settings))
+    def val_ppl(self, method: str, steps: int, settings: list[str], trainer: type = Trainer) -> float:
+        """One run's val ppl; `trainer` another Trainer class (bench_residual.py's) for a variant."""
+        variant = "" if trainer is Trainer else f" ({trainer.__name__})"
+        key = f"{method}{variant} {steps} " + " ".join(sorted(settings))
         if key not in self.done:
             cfg = load_config(None, recipe(steps, self.data_dir) + METHODS[method][0] + settings)
             engine = GaLoreEngine if method == "galore" else PlainEngine
-            self.done[key] = Trainer(cfg, make_engine=engine).train()["val_ppl"]
+            self.done[key] = trainer(cfg, make_engine=engine).train()["val_ppl"]
             self.path.write_text(json.dumps(self.done, indent=0))
             print(f"{key}: {self.done[key]:.2f}", file=sys.stderr, flush=True)
         return self.done[key]

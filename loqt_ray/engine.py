@@ -3,12 +3,15 @@
 The trainer drives every engine through the same calls, once per optimizer step:
 
     engine.set_lr(lr)
+    on update steps: the merge (full_precision, set_param), on refresh steps after a capture pass
     for each micro-batch:  loss = engine.model(...).loss / grad_accum;  engine.backward(loss)
     norm = engine.step()          # the one call that applies the optimizer step
 
 - `model`: the module forwards go through (training and evaluation alike; with
-  train.cuda_graphs, training steps without a refresh replay a recording of the inner model's
-  loss instead, graphs.py, and `backward` takes that loss as it takes any other).
+  train.cuda_graphs, training steps replay a recording of the inner model's loss instead,
+  graphs.py, and `backward` takes that loss as it takes any other). A refresh's capture pass
+  calls the inner model's forward past its hooks and takes the gradient with
+  torch.autograd.grad: nothing reaches .grad, so no engine sees the pass or counts it.
 - `backward(loss)`: accumulates one micro-batch's gradients; never steps the optimizer
   (per-layer updates are the one exception, documented on PerLayerOptimizer: they step
   inside the backward of the step's last micro-batch, and `step` then only reports).

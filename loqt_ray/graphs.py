@@ -14,8 +14,9 @@ Conditions, each for a reason:
 - One micro-batch per step (config.py enforces it): a replay returns the recording's own
   gradient buffers, so a second micro-batch accumulated into them would be overwritten
   (pytorch/pytorch#181723).
-- Refresh steps run eagerly: their backward hands dYᵀX to Python (LoQTLinear.capture_gradient).
-  So do steps whose batch has another shape than the recorded one.
+- A refresh's gradient pass stays eager: its backward hands dYᵀX to Python
+  (LoQTLinear.capture_gradient). It is a pass of its own, before the refresh step's replayed
+  one (Trainer._merge). Steps whose batch has another shape than the recorded one run eagerly.
 - One stream for everything, the recording's: autograd gives each parameter's gradient
   accumulator the stream it was made on and keeps it; a recording that meets one made on the
   default stream fails ("operation would make the legacy stream depend on a capturing blocking
@@ -34,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-WARMUP_STEPS = 2  # eager steps before the recording (they do not count refresh steps)
+WARMUP_STEPS = 2  # eager steps before the recording
 LOSS_TOLERANCE = 1e-3  # relative; the replay runs the recorded kernels on the same values
 GRAD_TOLERANCE = 2e-2  # relative norm of the difference; bf16 backward kernels may reduce in any order
 
@@ -136,10 +137,7 @@ class StepGraphs:
             self.say(f"train.cuda_graphs: {self.off_reason}; training on eagerly")
             return
         self.graphed, self.shape = graphed, ids.shape
-        self.say(
-            "train.cuda_graphs: the step's forward and backward are recorded; "
-            "steps without a refresh replay them"
-        )
+        self.say("train.cuda_graphs: the step's forward and backward are recorded; every step replays them")
 
     def _check(self, graphed: Callable, ids: torch.Tensor, labels: torch.Tensor) -> None:
         """Loss and gradients of one batch, replayed against eager (autograd.grad: nothing is

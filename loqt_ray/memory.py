@@ -197,7 +197,7 @@ class TrainerEstimate:
     step_temporaries: float  # what an optimizer step allocates besides its states
     activations: float  # saved for backward at the config's micro-batch
     refresh: float  # held on refresh steps on top of the steady peak (the gradient capture)
-    merge: float  # the merge's own peak, after the optimizer step (no activations or gradients left)
+    merge: float  # the merge's own peak, before the optimizer step (no activations or gradients held)
     graphs: float  # train.cuda_graphs: refresh steps' eager pass beside the recording's
     host: float  # a GPU run's host memory at step 0: fp32 weights for compensation, offload buffers
 
@@ -467,7 +467,7 @@ def trainer_table(e: TrainerEstimate, batch: int, seq: int) -> str:
         (f"activations (batch {batch} x seq {seq})", e.activations),
         ("steady-step peak", e.steady),
         ("+ refresh steps (the gradient capture)", e.refresh),
-        ("merge, after the step (weights, states, capture, one layer's merge)", e.merge),
+        ("merge, before the step (weights, states, capture, one layer's merge)", e.merge),
     ]
     if e.graphs:
         rows.append(("+ refresh steps' eager pass beside the CUDA graphs recording", e.graphs))

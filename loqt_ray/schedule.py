@@ -3,7 +3,8 @@
 Update (merge) steps start at 0, then tau. After that the k-th gap (k = 1, 2, ...)
 is tau (static), tau + k * increment (linear) or tau + floor(psi ** k)
 (exponential), optionally capped at max_gap. A refresh happens on every
-(refresh_interval / update_interval)-th update step, step 0 included.
+(refresh_interval / update_interval)-th update step, step 0 included. The trainer merges
+before the update step's optimizer step (Trainer._merge says why).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The per-worker training loop: the same for one process or N data-parallel ranks.
 
 `Trainer` builds a worker's data, model and engine from the config (the engine `loqt-ray
-train` runs for it, unless told otherwise); `train_step` runs one optimizer step
-(micro-batches, the step, a merge on the schedule's update steps); `train` loops, evaluates
+train` runs for it, unless told otherwise); `train_step` runs one optimizer step (a merge on
+the schedule's update steps, then the micro-batches and the step); `train` loops, evaluates
 and hands results to a `Sink`, so this module imports no Ray.
 """
 
@@ -269,44 +269,67 @@ class Trainer:
         self.counters.update(counters)  # a counter newer than the checkpoint starts at zero
 
     def train_step(self) -> None:
-        """One optimizer step: gradient capture on refresh steps, the micro-batches, the engine's
-        step, then a merge (and refresh) on the schedule's update steps."""
+        """One optimizer step: on the schedule's update steps first a merge (and on refresh steps
+        a refresh from this step's gradient), then the micro-batches and the engine's step."""
         start = time.perf_counter()
         train, step = self.cfg.train, self.step
         self.lr = self.cfg.peak_lr() * lr_factor(step, self.cfg)
         self.engine.set_lr(self.lr)
-        refresh = bool(self.layers) and self.schedule.is_refresh(step)
-        if refresh:
-            for layer in self.layers:
-                layer.start_capture(
-                    self.refresh_method, mean_over_ranks(self.world_size), self.tokens_per_step
-                )
-        for _ in range(train.grad_accum):
-            ids, labels = (to_device(t, self.device) for t in self.stream.next_batch())
-            loss = self._loss(ids, labels, refresh) / train.grad_accum
-            try:
-                self.engine.backward(loss)
-            except FloatingPointError as exc:  # a layerwise refresh's gradient, checked in backward
-                raise FloatingPointError(f"{exc} at step {step + 1}; {STOP_ADVICE}") from None
+        batches = [self.stream.next_batch() for _ in range(train.grad_accum)]
+        if self.layers and self.schedule.is_update(step):
+            self._merge(step + 1, batches if self.schedule.is_refresh(step) else None)
+        for batch in batches:
+            ids, labels = (to_device(t, self.device) for t in batch)
+            loss = self._loss(ids, labels) / train.grad_accum
+            self.engine.backward(loss)
             self._loss_sum += loss.detach().float()
         self._steps_summed += 1
         self._grad_norm = self.engine.step()
-        if self.layers and self.schedule.is_update(step):
-            update_start = time.perf_counter()
-            merge_and_refresh(
-                self.layers, self.engine, refresh, self.cfg.loqt.compensation_iters, self.world_size, step + 1
-            )
-            self.counters["update_time"] += time.perf_counter() - update_start
-            self.counters["updates"] += 1
-            if self.world_size > 1:
-                self._agree(step + 1)
         self.counters["train_time"] += time.perf_counter() - start
         self.step += 1
 
-    def _loss(self, ids: torch.Tensor, labels: torch.Tensor, refresh: bool) -> torch.Tensor:
+    def _merge(self, step: int, refresh_batches: list | None) -> None:
+        """Merge every layer before optimizer step `step` (1-based), refreshing P from the gradient
+        of `refresh_batches` (that step's micro-batches) where given.
+
+        Before the step, so that the step trains B in the new subspace: stepped first, B would
+        move in the old one, and at step 0, where P is still zero, not at all (bench_residual.py
+        measures the difference). The gradient comes from a pass of its own through
+        autograd.grad, which fills no .grad: no engine counts the pass as a micro-batch or
+        steps on it, and the step's own backward captures nothing, so CUDA graphs replay it."""
+        start = time.perf_counter()
+        if refresh_batches is not None:
+            self._capture_gradient(refresh_batches, step)
+        refresh = refresh_batches is not None
+        merge_and_refresh(
+            self.layers, self.engine, refresh, self.cfg.loqt.compensation_iters, self.world_size, step
+        )
+        self.counters["update_time"] += time.perf_counter() - start
+        self.counters["updates"] += 1
+        if self.world_size > 1:
+            self._agree(step)
+
+    def _capture_gradient(self, batches: list, step: int) -> None:
+        """The gradient of W over `batches`, captured by each layer for its refresh."""
+        for layer in self.layers:
+            layer.start_capture(self.refresh_method, mean_over_ranks(self.world_size), self.tokens_per_step)
+        params = [layer.B for layer in self.layers]
+        for ids, labels in batches:
+            ids, labels = to_device(ids, self.device), to_device(labels, self.device)
+            # forward itself, not the module's __call__: DeepSpeed hooks that to catch every
+            # backward through the model's outputs and reduce the gradients at its end, and this
+            # pass is no micro-batch
+            with self.autocast:
+                loss = self.model.forward(input_ids=ids, labels=labels).loss / self.cfg.train.grad_accum
+            try:
+                torch.autograd.grad(loss, params)
+            except FloatingPointError as exc:  # a layerwise refresh's gradient, checked in backward
+                raise FloatingPointError(f"{exc} at step {step}; {STOP_ADVICE}") from None
+
+    def _loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One micro-batch's loss, its backward to come: replayed where train.cuda_graphs has a
-        recording for this step, else eager (only the loss is kept: the logits go before backward)."""
-        if self.graphs is not None and not refresh:
+        recording, else eager (only the loss is kept: the logits go before backward)."""
+        if self.graphs is not None:
             loss = self.graphs.loss(ids, labels)
             if loss is not None:
                 return loss

@@ -130,4 +130,8 @@ def test_a_format_1_checkpoint_still_resumes_as_its_run_went_on(case, data_dir):
     trainer.train(Collect(rows))
     expected = json.loads((directory / "losses.json").read_text())
     assert [row["step"] for row in rows] == [3, 4]
-    assert all(abs(row["train_loss"] - expected[str(row["step"])]) < 1e-5 for row in rows), (rows, expected)
+    # Within 2e-3: format 1's run merged after step 2's optimizer step, this one before it, and the
+    # requantization moves the losses by 3e-4 to 6e-4. Resumed without its optimizer state the
+    # run is 2.6e-2 off at step 4; from another batch, far more.
+    losses = [row["train_loss"] for row in rows]
+    assert losses == pytest.approx([expected["3"], expected["4"]], rel=2e-3)

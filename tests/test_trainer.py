@@ -169,9 +169,10 @@ def _graph_runs(data_dir, record):
 
 
 def test_cuda_graphs_replay_every_step_without_a_refresh_and_train_the_same_model(data_dir):
-    """Replays start after two eager steps, skip refresh steps (0 and 6 here: their backward gives
-    the gradient to Python) and leave the merges (0, 3, 6, 9) and the losses as eager training has
-    them. Here the recording is the loss module itself, so the two runs must agree exactly."""
+    """Replays start after two eager steps and take every step after them, refresh steps (0, 6)
+    included: a refresh's gradient has an eager pass of its own, before the step. The merges
+    (0, 3, 6, 9) and the losses stay as eager training has them. Here the recording is the loss
+    module itself, so the two runs must agree exactly."""
     recorded = []
 
     def record(module, sample):
@@ -180,8 +181,7 @@ def test_cuda_graphs_replay_every_step_without_a_refresh_and_train_the_same_mode
 
     ((eager, eager_rows), (graphed, rows)), said = _graph_runs(data_dir, record)
     assert recorded == [(4, 64)] and said == [said[0]] and "recorded" in said[0]
-    non_refresh = [s for s in range(10) if not graphed.schedule.is_refresh(s)]  # 1-5, 7-9
-    assert graphed.graphs.replays == len(non_refresh) - 2 == 6 and rows[-1]["graph_replays"] == 6
+    assert graphed.graphs.replays == 10 - 2 and rows[-1]["graph_replays"] == 8
     assert graphed.counters["updates"] == eager.counters["updates"] == 4
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in eager_rows]
     for a, b in zip(graphed.model.state_dict().values(), eager.model.state_dict().values(), strict=True):
@@ -350,8 +350,8 @@ def test_an_offloaded_refresh_under_accumulation_trains_as_the_exact_one(data_di
     ids=["layerwise", "exact, accumulation", "offload, accumulation"],
 )  # fmt: skip
 def test_p_changes_exactly_on_the_schedules_refresh_steps(data_dir, extra):
-    """Merges every 2 steps, a refresh every 4: over 10 steps P changes at steps 0, 4 and 8 (after
-    each of them) and at no other step; W changes at every merge."""
+    """Merges every 2 steps, a refresh every 4: over 10 steps P changes in steps 0, 4 and 8 (before
+    each one's optimizer step) and in no other step; W changes at every merge."""
     from loqt_ray.schedule import UpdateSchedule
 
     cfg = nano_config(
@@ -377,12 +377,34 @@ def test_p_changes_exactly_on_the_schedules_refresh_steps(data_dir, extra):
 
 
 def test_compensation_iterations_reach_the_merge(data_dir):
-    """loqt.compensation_iters is what the trainer's merges use: off, B is zero after a merge;
-    on, the merge starts B from the compensated residual."""
+    """loqt.compensation_iters is what the trainer's merges use: off, the merge installs B = 0; on,
+    B starts from the compensated residual (what step 0's merge hands the engine)."""
 
-    def b_after_step_0(iters: int) -> float:
+    def b_from_the_merge(iters: int) -> float:
         trainer = Trainer(nano_config(data_dir, f"loqt.compensation_iters={iters}"), make_engine=PlainEngine)
+        installed, set_param = [], trainer.engine.set_param
+        trainer.engine.set_param = lambda p, value: (
+            installed.append(float(value.abs().sum())),
+            set_param(p, value),
+        )
         trainer.train_step()
-        return sum(float(layer.B.abs().sum()) for layer in trainer.layers)
+        assert len(installed) == len(trainer.layers)
+        return sum(installed)
 
-    assert b_after_step_0(0) == 0 and b_after_step_0(5) > 0
+    assert b_from_the_merge(0) == 0 and b_from_the_merge(5) > 0
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["loqt.refresh=layerwise"], ["optim.per_layer=true", "train.grad_accum=2"]],
+    ids=["exact", "layerwise", "per-layer, accumulation"],
+)  # fmt: skip
+def test_the_first_step_trains_the_wrapped_matrices(data_dir, extra):
+    """Step 0's merge and refresh come before its optimizer step, so that step already moves B (it
+    starts at zero with compensation off, and P is zero until a refresh) and the merge that set P
+    is the step's only one."""
+    cfg = nano_config(data_dir, "loqt.compensation_iters=0", *extra)
+    trainer = Trainer(cfg, make_engine=PlainEngine)
+    trainer.train_step()
+    assert trainer.lr > 0 and trainer.counters["updates"] == 1
+    for layer in trainer.layers:
+        assert layer.projection_matrix().abs().sum() > 0 and layer.B.abs().sum() > 0
