@@ -140,8 +140,10 @@ class LoQTConfig:
     rank_fraction: float | None = None
     """The rank as a share of the model's hidden size (0 < f <= 1); set, it decides rank, so a sweep's
     best value means the same on another model size."""
-    lora_alpha: float = 0.5
-    """The scale s in y = x·deq(W)ᵀ + s·x·(BP)ᵀ, used as-is (not alpha / rank), as the paper's code does."""
+    lora_alpha: float = 0.25
+    """The scale s in y = x·deq(W)ᵀ + s·x·(BP)ᵀ, used as-is (not alpha / rank), as the paper's code does:
+    the wrapped matrices' step apart from the lr. 0.25, not the reference scripts' 0.5: in the quality
+    bench 0.5 is the worst of 0.125-0.5 at every lr, and 0.25 is GaLore's scale (docs/benchmarks.md)."""
     targets: list[str] = field(default_factory=lambda: list(LINEAR_NAMES))
     """Which of q/k/v/o/gate/up/down_proj are wrapped."""
     quant_block_size: int = 64

@@ -106,7 +106,8 @@ V1 = Path(__file__).resolve().parent / "data" / "v1"
 V1_RUN = ["model.size=nano", "data.vocab_size=256", "data.seq_len=32", "train.micro_batch_size=2",
           "loqt.rank=4", "loqt.schedule=static", "loqt.update_interval=2", "train.steps=4",
           "train.log_every=1", "train.eval_every=4", "train.eval_tokens=256", "optim.lr=1e-2",
-          "optim.warmup_steps=1", "train.checkpoint_every=2"]  # fmt: skip
+          "optim.warmup_steps=1", "train.checkpoint_every=2",
+          "loqt.lora_alpha=0.5"]  # fmt: skip  # lora_alpha: the default when these were written
 V1_CASES = [
     "plain-adamw",  # a torch state dict
     "per-layer-adam8bit",  # one torch state dict per parameter, bitsandbytes' blocks
