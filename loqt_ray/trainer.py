@@ -322,7 +322,7 @@ class Trainer:
             with self.autocast:
                 loss = self.model.forward(input_ids=ids, labels=labels).loss / self.cfg.train.grad_accum
             try:
-                torch.autograd.grad(loss, params)
+                torch.autograd.grad(loss, params, allow_unused=True)  # as backward, a layer it never reaches
             except FloatingPointError as exc:  # a layerwise refresh's gradient, checked in backward
                 raise FloatingPointError(f"{exc} at step {step}; {STOP_ADVICE}") from None
 
