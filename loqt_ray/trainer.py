@@ -297,10 +297,9 @@ class Trainer:
         measures the difference). The gradient comes from a pass of its own through
         autograd.grad, which fills no .grad: no engine counts the pass as a micro-batch or
         steps on it, and the step's own backward captures nothing, so CUDA graphs replay it."""
-        start = time.perf_counter()
-        if refresh_batches is not None:
+        start, refresh = time.perf_counter(), refresh_batches is not None
+        if refresh:
             self._capture_gradient(refresh_batches, step)
-        refresh = refresh_batches is not None
         merge_and_refresh(
             self.layers, self.engine, refresh, self.cfg.loqt.compensation_iters, self.world_size, step
         )
