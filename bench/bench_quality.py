@@ -1,13 +1,15 @@
-"""Each method tuned over the same two knobs with the same budget, at two horizons.
+"""Each method tuned over the same two knobs by the same rule, at two horizons.
 
 The knobs: the learning rate, and the step of the attention and MLP matrices apart from it. The
 scale s multiplies the wrapped matrices' step in LoQT and LoQT-nq (loqt.lora_alpha), GaLore has
 its own scale (taken from loqt.lora_alpha here, so one field serves both), and full-rank gets the
 same freedom through optim.matrix_lr_ratio (the matrices' learning rate over the rest's). Every
-method runs --lrs x its three knob values x seeds 0 and 1, in this process, on the same tokens in
-the same order (the same data seed), every other setting at the project's defaults: the tiny
-LLaMA, rank 32, merges from tau = 25 growing by psi = 1.5. Then, at each method's tuned setting,
-the ablations (LoQT without compensation, with a static schedule), and LoQT at its defaults.
+method starts from --lrs x its three knob values x seeds 0 and 1, and a grid whose best lies on
+its edge grows past that edge (up to 5 values a side), by the same rule for every method. All
+runs are in this process, on the same tokens in the same order (the same data seed), every
+other setting at the project's defaults: the tiny LLaMA, rank 32, merges from tau = 25 growing by
+psi = 1.5. Then, at each method's tuned setting, the ablations (LoQT without compensation, with a
+static schedule), and LoQT at its defaults.
 
 Prints one table per horizon, writes bench/results/quality.json and the sensitivity heat maps
 (val ppl over lr x knob at the long horizon) to docs/quality_heatmap.png. Finished runs are cached
@@ -45,6 +47,7 @@ ABLATIONS = {  # run at LoQT's tuned lr and scale
     "loqt, static schedule": ["loqt.schedule=static"],
 }
 SEEDS = (0, 1)
+MAX_SIDE = 5  # values a grid's side grows to at most
 SEQ, MICRO_BATCH, RANK = 128, 8, 32
 
 
@@ -80,17 +83,46 @@ class Runs:
         return [self.val_ppl(method, steps, [*settings, f"train.seed={seed}"]) for seed in SEEDS]
 
 
+def neighbour(value: float, knob: str, up: bool) -> float:
+    """The next grid value past an edge: lrs on the 1-3-10 ladder, the scale and ratio doubled."""
+    if knob != "optim.lr":
+        return value * 2 if up else value / 2
+    mantissa, exponent = (int(part) for part in f"{value:.0e}".split("e"))
+    if up:
+        mantissa, exponent = (3, exponent) if mantissa == 1 else (1, exponent + 1)
+    else:
+        mantissa, exponent = (1, exponent) if mantissa == 3 else (3, exponent - 1)
+    return float(f"{mantissa}e{exponent}")
+
+
 def tune(runs: Runs, method: str, steps: int, lrs: list[float]) -> dict:
-    """The grid's val ppl (mean over seeds) and its best point."""
+    """The grid's val ppl (mean over seeds) and its best point.
+
+    A best on the grid's edge is not a tuned setting, only a direction: the grid grows by one
+    row or column on that side until its best is inside it or it reaches MAX_SIDE values a side.
+    Every method starts from the same lrs x its three knob values and follows the same rule.
+    """
     _, knob, values = METHODS[method]
-    grid = {}
-    for lr in lrs:
-        for value in values:
-            grid[(lr, value)] = runs.seeds(method, steps, [f"optim.lr={lr}", f"{knob}={value}"])
-    means = {point: statistics.fmean(v) for point, v in grid.items()}
-    best = min(means, key=means.get)
+    axes = {"optim.lr": sorted(lrs), knob: sorted(values)}
+    grid: dict[tuple[float, float], list[float]] = {}
+    while True:
+        for lr in axes["optim.lr"]:
+            for value in axes[knob]:
+                if (lr, value) not in grid:
+                    grid[(lr, value)] = runs.seeds(method, steps, [f"optim.lr={lr}", f"{knob}={value}"])
+        means = {point: statistics.fmean(v) for point, v in grid.items()}
+        best = min(means, key=means.get)
+        grown = False
+        for name, at in zip(axes, best, strict=True):
+            side = axes[name]
+            if len(side) < MAX_SIDE and at in (side[0], side[-1]):
+                side.insert(0 if at == side[0] else len(side), neighbour(at, name, at == side[-1]))
+                grown = True
+        if not grown:
+            break
     return {
         "knob": knob,
+        "axes": axes,
         "grid": {f"{lr:g} {value:g}": v for (lr, value), v in grid.items()},
         "best": {"lr": best[0], knob: best[1]},
         "mean": means[best],
@@ -98,7 +130,7 @@ def tune(runs: Runs, method: str, steps: int, lrs: list[float]) -> dict:
     }
 
 
-def heat_maps(tuned: dict, lrs: list[float], steps: int, path: Path) -> None:
+def heat_maps(tuned: dict, steps: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +139,7 @@ def heat_maps(tuned: dict, lrs: list[float], steps: int, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(tuned), figsize=(4 * len(tuned), 3.6))
     for ax, (method, t) in zip(axes, tuned.items(), strict=True):
-        values = METHODS[method][2]
+        lrs, values = t["axes"]["optim.lr"], t["axes"][t["knob"]]
         cells = np.array([[statistics.fmean(t["grid"][f"{lr:g} {v:g}"]) for v in values] for lr in lrs])
         image = ax.imshow(cells, cmap="viridis_r", aspect="auto")
         for i in range(len(lrs)):
@@ -169,7 +201,7 @@ def main() -> None:
         lines += [*horizon_table(tuned, ablations, default, steps), ""]
         print("\n".join(lines), file=sys.stderr, flush=True)
     long = horizons[str(args.short_steps * args.factor)]
-    heat_maps(long["tuned"], args.lrs, args.short_steps * args.factor, Path(args.heat_map))
+    heat_maps(long["tuned"], args.short_steps * args.factor, Path(args.heat_map))
     loqt, galore, full = (long["tuned"][m]["mean"] for m in ("loqt", "galore", "full"))
     result = {
         "settings": {"short_steps": args.short_steps, "factor": args.factor, "lrs": args.lrs, "seeds": SEEDS,
