@@ -24,7 +24,8 @@ from loqt_ray.config import load_config
 from loqt_ray.engine import PlainEngine
 from loqt_ray.launch import run_training
 from loqt_ray.rundir import read_metrics
-from loqt_ray.trainer import Collect, Trainer
+from loqt_ray.sink import Collect
+from loqt_ray.trainer import Trainer
 
 CORES = os.cpu_count() or 2
 

@@ -118,7 +118,8 @@ def measure(cfg, steps: int, keep=lambda partial: None, stand_in_graphs: bool = 
     import torch
 
     from loqt_ray.memory import GIB, trainer_estimate
-    from loqt_ray.trainer import Sink, Trainer
+    from loqt_ray.sink import Sink
+    from loqt_ray.trainer import Trainer
 
     cfg.train.steps = cfg.train.eval_every = cfg.train.log_every = steps
     if torch.cuda.is_available():  # a step may measure two runs: free the first (the Trainer

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import checkpoint, rundir
 from .config import Config, from_dict
 from .ray_session import worker_resources
-from .trainer import Sink
+from .sink import Sink
 
 
 class RaySink(Sink):

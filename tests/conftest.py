@@ -56,7 +56,8 @@ def train_in_process(cfg):
     trained in this process with the plain engine: no Ray. Returns (run dir, last metrics)."""
     from loqt_ray import checkpoint, rundir
     from loqt_ray.engine import PlainEngine
-    from loqt_ray.trainer import Collect, Trainer
+    from loqt_ray.sink import Collect
+    from loqt_ray.trainer import Trainer
 
     out = rundir.run_dir(cfg)
     trainer = Trainer(cfg, make_engine=PlainEngine)

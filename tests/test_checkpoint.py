@@ -10,7 +10,8 @@ from conftest import nano_config
 from loqt_ray import checkpoint
 from loqt_ray.config import ConfigError
 from loqt_ray.engine import PlainEngine
-from loqt_ray.trainer import Collect, Trainer
+from loqt_ray.sink import Collect
+from loqt_ray.trainer import Trainer
 
 
 def nano(data_dir, *extra):

@@ -11,7 +11,7 @@ from torch import nn
 from loqt_ray import LoQTLinear, checkpoint
 from loqt_ray.engine import PlainEngine
 from loqt_ray.quant import NF4Tensor
-from loqt_ray.trainer import Collect
+from loqt_ray.sink import Collect
 
 pytestmark = [
     pytest.mark.cuda,

@@ -55,7 +55,8 @@ def digest_loop(config):
 
     from loqt_ray.config import Config, from_dict
     from loqt_ray.distributed import DeepSpeedEngine
-    from loqt_ray.trainer import Sink, Trainer
+    from loqt_ray.sink import Sink
+    from loqt_ray.trainer import Trainer
 
     torch.set_num_threads(1)
     cfg = from_dict(Config, config["cfg"])
@@ -255,7 +256,8 @@ def test_per_layer_updates_under_ray_stop_resume_and_match_the_in_process_run(
 ):
     """Per-layer updates (the plain engine on one Ray worker): stopped at step 4 and rerun, the run
     reproduces the same config trained straight in this process."""
-    from loqt_ray.trainer import Collect, Trainer
+    from loqt_ray.sink import Collect
+    from loqt_ray.trainer import Trainer
 
     def cfg(*extra):
         return nano_config(

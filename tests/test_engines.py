@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import nano_config
 
-from loqt_ray.trainer import Collect, Trainer
+from loqt_ray.sink import Collect
+from loqt_ray.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # DeepSpeed's engine
 

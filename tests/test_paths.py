@@ -10,7 +10,8 @@ from loqt_ray import checkpoint
 from loqt_ray.engine import PlainEngine
 from loqt_ray.export_hf import export_hf
 from loqt_ray.rundir import read_metrics
-from loqt_ray.trainer import Collect, Trainer
+from loqt_ray.sink import Collect
+from loqt_ray.trainer import Trainer
 
 PATHS = {
     "loqt, P in NF4, AdamW": [],

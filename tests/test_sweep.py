@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,6 +193,19 @@ def test_sweep_runs_stops_exports_and_resumes(tmp_path, data_dir, capfd):
         assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
     finally:
         ray.shutdown()
+
+
+def test_a_trial_and_its_train_controller_load_no_model_stack():
+    """A sweep's trial runs run_trial and Ray Train's controller holds worker_loop, so each process
+    loads tune_run.py or ray_train.py: neither may load what only the workers need (the trainer,
+    models, data, NF4), which took seconds of every trial's start."""
+    heavy = ("loqt_ray.trainer", "transformers", "bitsandbytes", "datasets", "deepspeed")
+    probe = (
+        "import sys, loqt_ray.tune_run, loqt_ray.ray_train; "
+        + f"print([m for m in {heavy} if m in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_asha_settings_are_not_checked_when_asha_is_off(tmp_path):

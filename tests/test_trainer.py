@@ -6,7 +6,8 @@ from conftest import nano_config
 
 from loqt_ray.config import load_config
 from loqt_ray.engine import PlainEngine
-from loqt_ray.trainer import Collect, Trainer
+from loqt_ray.sink import Collect
+from loqt_ray.trainer import Trainer
 
 
 def test_full_rank_training_lowers_validation_loss(data_dir):
