@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # evaluation) waits for that poll: the tests' short runs report every few steps, so they poll
 # faster. Every Ray process a test starts inherits this environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray runs its workers at nice 15, so that anything else on the machine (a benchmark, a second
+# suite) takes the CPU before them: a test's trials then start several times slower and can pass
+# their time limits. At the default niceness a loaded machine slows them as much as it slows the rest.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.fixture(scope="session")
