@@ -53,7 +53,7 @@ STEPS = {
 }
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 # the model sizes each step trains on a GPU, and on the CPU with --cpu
-SIZES = {"60m": "nano", "1b": "tiny", "7b": "small"}
+SIZES = {"60m": "nano", "1b": "tiny", "7b": "tiny"}
 
 
 def corpus(directory: Path) -> Path:
@@ -410,7 +410,7 @@ BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 def job_7b(check: Check, *extra: str):
-    """jobs/train_7b_24gb.yaml's training settings on the check's corpus: on the CPU a small model
+    """jobs/train_7b_24gb.yaml's training settings on the check's corpus: on the CPU a tiny model
     at rank 64, two sequences a micro-batch, three micro-batches a step."""
     from loqt_ray.config import read_yaml
 
