@@ -21,7 +21,8 @@ demo: $(STAMP)
 bench-asha: $(STAMP)
 	$(PY) bench/bench_asha.py
 
-# Each method at its own best lr (grid sweeps, two horizons): about an hour on 2 cores; resumable.
+# Every method tuned over lr x its matrix step (grids that grow past an edge best, two horizons):
+# about two hours on 2 cores from nothing; resumable.
 bench-quality: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt galore-torch
 	$(PY) bench/bench_quality.py

@@ -5,7 +5,7 @@ scale s multiplies the wrapped matrices' step in LoQT and LoQT-nq (loqt.lora_alp
 its own scale (taken from loqt.lora_alpha here, so one field serves both), and full-rank gets the
 same freedom through optim.matrix_lr_ratio (the matrices' learning rate over the rest's). Every
 method starts from --lrs x its three knob values x seeds 0 and 1, and a grid whose best lies on
-its edge grows past that edge (up to 5 values a side), by the same rule for every method. All
+its edge grows past that edge (up to 4 values a side), by the same rule for every method. All
 runs are in this process, on the same tokens in the same order (the same data seed), every
 other setting at the project's defaults: the tiny LLaMA, rank 32, merges from tau = 25 growing by
 psi = 1.5. Then, at each method's tuned setting, the ablations (LoQT without compensation, with a
@@ -47,7 +47,7 @@ ABLATIONS = {  # run at LoQT's tuned lr and scale
     "loqt, static schedule": ["loqt.schedule=static"],
 }
 SEEDS = (0, 1)
-MAX_SIDE = 5  # values a grid's side grows to at most
+MAX_SIDE = 4  # values a grid's side grows to at most
 SEQ, MICRO_BATCH, RANK = 128, 8, 32
 
 
@@ -157,15 +157,21 @@ def heat_maps(tuned: dict, steps: int, path: Path) -> None:
     plt.close(fig)
 
 
+def edge(t: dict, name: str, value: float) -> str:
+    """A mark for a best that is still on its grid's edge once the side can grow no more."""
+    side = t["axes"]["optim.lr" if name == "lr" else name]
+    return " (edge)" if value in (side[0], side[-1]) else ""
+
+
 def horizon_table(tuned: dict, ablations: dict, default: list[float], steps: int) -> list[str]:
     full, galore = tuned["full"]["mean"], tuned["galore"]["mean"]
     lines = [
         f"{steps} steps ({steps * MICRO_BATCH * SEQ:,} tokens):",
-        "| method | tuned val ppl (2 seeds) | / full-rank | / GaLore | tuned at |",
+        "| method | val ppl, 2 seeds | / full-rank | / GaLore | tuned at ((edge): on the grid's edge) |",
         "|---|---|---|---|---|",
     ]
     for name, t in tuned.items():
-        at = ", ".join(f"{k} {v:g}" for k, v in t["best"].items())
+        at = ", ".join(f"{k} {v:g}" + edge(t, k, v) for k, v in t["best"].items())
         lines.append(
             f"| {name} | {t['mean']:.2f} ± {t['spread']:.2f} | {t['mean'] / full:.3f} | "
             f"{t['mean'] / galore:.3f} | {at} |"
@@ -205,6 +211,7 @@ def main() -> None:
     loqt, galore, full = (long["tuned"][m]["mean"] for m in ("loqt", "galore", "full"))
     result = {
         "settings": {"short_steps": args.short_steps, "factor": args.factor, "lrs": args.lrs, "seeds": SEEDS,
+                     "max_side": MAX_SIDE,
                      "recipe": recipe(args.short_steps * args.factor, "data"),
                      "knobs": {m: [k, list(v)] for m, (_, k, v) in METHODS.items()}},
         "wall_s": time.perf_counter() - start,
