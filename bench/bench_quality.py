@@ -144,7 +144,9 @@ def heat_maps(tuned: dict, steps: int, path: Path) -> None:
         image = ax.imshow(cells, cmap="viridis_r", aspect="auto")
         for i in range(len(lrs)):
             for j in range(len(values)):
-                ax.text(j, i, f"{cells[i, j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+                dark = cells[i, j] > (cells.min() + cells.max()) / 2  # white on the dark half of the map
+                color = "w" if dark else "k"
+                ax.text(j, i, f"{cells[i, j]:.0f}", ha="center", va="center", color=color, fontsize=8)
         ax.set_xticks(range(len(values)), [f"{v:g}" for v in values])
         ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
         ax.set_xlabel(t["knob"])
