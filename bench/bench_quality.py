@@ -84,7 +84,7 @@ class Runs:
 
 
 def neighbour(value: float, knob: str, up: bool) -> float:
-    """The next grid value past an edge: lrs on the 1-3-10 ladder, the scale and ratio doubled."""
+    """The next grid value past an edge: lrs on the 1-3-10 ladder, the scale and ratio doubled or halved."""
     if knob != "optim.lr":
         return value * 2 if up else value / 2
     mantissa, exponent = (int(part) for part in f"{value:.0e}".split("e"))
