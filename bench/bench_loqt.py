@@ -53,7 +53,7 @@ class GaLoreEngine(PlainEngine):
                 "params": low_rank,
                 "rank": loqt.rank,
                 "update_proj_gap": loqt.update_interval,
-                "scale": loqt.lora_alpha,  # the same knob as LoQT's s
+                "scale": cfg.lora_scale(),  # the same knob as LoQT's s
                 "proj_type": "std",
             },
         ]

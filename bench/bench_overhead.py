@@ -22,7 +22,7 @@ from recipe import write_result
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loqt_ray.config import LoQTConfig
+from loqt_ray.config import DEFAULT_LORA_ALPHA, LoQTConfig
 from loqt_ray.loqt import LoQTLinear, apply_loqt
 from loqt_ray.models import build_model
 
@@ -80,7 +80,7 @@ def layer_rows(repeats: int) -> dict:
     layer = LoQTLinear(
         linear,
         cfg.rank,
-        cfg.lora_alpha,
+        DEFAULT_LORA_ALPHA,
         block_size=cfg.quant_block_size,
         double_quant=cfg.double_quant,
         quantize_projection=cfg.quantize_projection,

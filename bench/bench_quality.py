@@ -165,7 +165,13 @@ def edge(t: dict, name: str, value: float) -> str:
     return " (edge)" if value in (side[0], side[-1]) else ""
 
 
-def horizon_table(tuned: dict, ablations: dict, default: list[float], steps: int) -> list[str]:
+def default_settings(steps: int, data_dir: str) -> dict:
+    """The lr and scale LoQT's defaults give the recipe's model (config.MEASURED_DEFAULTS)."""
+    cfg = load_config(None, recipe(steps, data_dir) + METHODS["loqt"][0])
+    return {"lr": cfg.peak_lr(), "loqt.lora_alpha": cfg.lora_scale()}
+
+
+def horizon_table(tuned: dict, ablations: dict, default: dict, steps: int) -> list[str]:
     full, galore = tuned["full"]["mean"], tuned["galore"]["mean"]
     lines = [
         f"{steps} steps ({steps * MICRO_BATCH * SEQ:,} tokens):",
@@ -179,10 +185,13 @@ def horizon_table(tuned: dict, ablations: dict, default: list[float], steps: int
             f"{t['mean'] / galore:.3f} | {at} |"
         )
     loqt = tuned["loqt"]["mean"]
-    for name, values in {**ablations, "loqt at its defaults": default}.items():
+    at = ", ".join(f"{k} {v:g}" for k, v in default["at"].items())
+    rows = {**{name: (values, "") for name, values in ablations.items()},
+            "loqt at its defaults": (default["val_ppl"], f" (at {at})")}  # fmt: skip
+    for name, (values, note) in rows.items():
         mean = statistics.fmean(values)
         lines.append(f"| {name} | {mean:.2f} ± {(max(values) - min(values)) / 2:.2f} | {mean / full:.3f} | "
-                     f"{mean / galore:.3f} | / tuned LoQT {mean / loqt:.3f} |")  # fmt: skip
+                     f"{mean / galore:.3f} | / tuned LoQT {mean / loqt:.3f}{note} |")  # fmt: skip
     return lines
 
 
@@ -204,7 +213,7 @@ def main() -> None:
         best = tuned["loqt"]["best"]
         at_best = [f"optim.lr={best['lr']}", f"loqt.lora_alpha={best['loqt.lora_alpha']}"]
         ablations = {name: runs.seeds("loqt", steps, [*at_best, *extra]) for name, extra in ABLATIONS.items()}
-        default = runs.seeds("loqt", steps, [])
+        default = {"val_ppl": runs.seeds("loqt", steps, []), "at": default_settings(steps, args.data_dir)}
         horizons[str(steps)] = {"tuned": tuned, "ablations": ablations, "loqt_default": default}
         lines += [*horizon_table(tuned, ablations, default, steps), ""]
         print("\n".join(lines), file=sys.stderr, flush=True)
@@ -219,7 +228,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - start,
         "horizons": horizons,
         "targets": {"loqt_over_galore": loqt / galore, "loqt_over_full": loqt / full,
-                    "default_over_tuned_loqt": statistics.fmean(long["loqt_default"]) / loqt},
+                    "default_over_tuned_loqt": statistics.fmean(long["loqt_default"]["val_ppl"]) / loqt},
         "table": lines,
     }  # fmt: skip
     print("\n".join(lines))

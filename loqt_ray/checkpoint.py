@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from . import rundir
-from .config import Config, ConfigError
+from .config import Config, ConfigError, LoQTConfig, ModelConfig, from_dict
 
 FORMAT = 2
 STATE_FILE = "state.pt"
@@ -211,8 +211,8 @@ def resume_point(cfg: Config, out: Path) -> Path | None:
                 "train.name", f"{out} holds a run without a checkpoint to resume; choose another name"
             )
         return None
-    saved, wanted = rundir.read_config(out), cfg.to_dict()
-    if saved.get("model") != wanted["model"] or saved.get("loqt") != wanted["loqt"]:
+    saved = rundir.read_config(out)
+    if saved.get("model") != cfg.to_dict()["model"] or _built_loqt(saved) != cfg.settled_loqt():
         raise ConfigError(
             "train.name",
             f"{out} was trained with another model or loqt section; resume with the same settings or "
@@ -220,6 +220,18 @@ def resume_point(cfg: Config, out: Path) -> Path | None:
         )
     check_file(newest / STATE_FILE)
     return newest
+
+
+def _built_loqt(saved: dict) -> LoQTConfig | None:
+    """The loqt section a saved run's model was built with (None if this version cannot read it):
+    compared settled, a run saved with an explicit lora_alpha resumes under the default that equals
+    it, and not under one that does not."""
+    try:
+        model = from_dict(ModelConfig, saved["model"], "model")
+        loqt = from_dict(LoQTConfig, saved["loqt"], "loqt")
+    except (ConfigError, KeyError):
+        return None
+    return Config(model=model, loqt=loqt).settled_loqt()
 
 
 def resume_state(run_dir: Path, rank: int, world_size: int) -> dict | None:

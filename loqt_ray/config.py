@@ -140,10 +140,10 @@ class LoQTConfig:
     rank_fraction: float | None = None
     """The rank as a share of the model's hidden size (0 < f <= 1); set, it decides rank, so a sweep's
     best value means the same on another model size."""
-    lora_alpha: float = 0.25
+    lora_alpha: float | None = None
     """The scale s in y = x·deq(W)ᵀ + s·x·(BP)ᵀ, used as-is (not alpha / rank), as the paper's code does:
-    the wrapped matrices' step apart from the lr. 0.25, not the reference scripts' 0.5: in the quality
-    bench 0.5 is the worst of 0.125-0.5 at every lr, and 0.25 is GaLore's scale (docs/benchmarks.md)."""
+    the wrapped matrices' step apart from the lr; none: 0.125 on the tiny model (the quality bench's best
+    there), 0.25 on every other (docs/training.md, "Where the defaults come from")."""
     targets: list[str] = field(default_factory=lambda: list(LINEAR_NAMES))
     """Which of q/k/v/o/gate/up/down_proj are wrapped."""
     quant_block_size: int = 64
@@ -177,6 +177,13 @@ class LoQTConfig:
 # The reference recipe's peak learning rate for LoQT (its 60m/130m/350m scripts), and full-rank
 # AdamW's, which diverges or trails at LoQT's (bench/bench_quality.py; docs/benchmarks.md).
 DEFAULT_LR = {"loqt": 1e-2, "loqt-nq": 1e-2, "full": 3e-3}
+# LoQT's scale away from the measured sizes: GaLore's for its 60M-7B runs, not the reference scripts'
+# 0.5, the worst of 0.125-0.5 at every lr in the quality bench.
+DEFAULT_LORA_ALPHA = 0.25
+# Where the quality bench reaches, LoQT's and LoQT-nq's defaults are its tuned best (GaLore's best
+# there too). Only the tiny model was measured, and the best lr falls as models grow, so every other
+# size keeps the values above (docs/training.md, "Where the defaults come from").
+MEASURED_DEFAULTS = {"tiny": {"optim.lr": 3e-2, "loqt.lora_alpha": 0.125}}
 WARMUP_SHARE = 0.1  # linear warmup over the first 10 % of the steps, as the reference does
 
 
@@ -187,7 +194,8 @@ class OptimConfig:
     name: Literal["adamw", "adam8bit"] = "adamw"
     """adamw (torch) or adam8bit (bitsandbytes; needs scale.zero_stage 0 or per_layer)."""
     lr: float | None = None
-    """The peak learning rate; none: the method's default (0.01 for loqt and loqt-nq, 3e-3 for full)."""
+    """The peak learning rate; none: 0.01 for loqt and loqt-nq (0.03 on the tiny model, the quality
+    bench's best there), 3e-3 for full."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam's betas."""
     eps: float = 1e-6
@@ -295,8 +303,27 @@ class Config:
         return dataclasses.asdict(self)
 
     def peak_lr(self) -> float:
-        """optim.lr, or the method's default when it is unset."""
-        return self.optim.lr if self.optim.lr is not None else DEFAULT_LR[self.loqt.method]
+        """optim.lr, or this method's and model's default when it is unset."""
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return self._measured("optim.lr", DEFAULT_LR[self.loqt.method])
+
+    def lora_scale(self) -> float:
+        """loqt.lora_alpha, or this model's default when it is unset."""
+        if self.loqt.lora_alpha is not None:
+            return self.loqt.lora_alpha
+        return self._measured("loqt.lora_alpha", DEFAULT_LORA_ALPHA)
+
+    def settled_loqt(self) -> LoQTConfig:
+        """The loqt section as the model is built with it: lora_alpha's default settled."""
+        return dataclasses.replace(self.loqt, lora_alpha=self.lora_scale())
+
+    def _measured(self, name: str, fallback: float) -> float:
+        """The quality bench's tuned value of `name` for this model where it measured one (LoQT on a
+        registry size; a local model's size field says nothing about it), else `fallback`."""
+        if self.loqt.method == "full" or self.model.path is not None:
+            return fallback
+        return MEASURED_DEFAULTS.get(self.model.size, {}).get(name, fallback)
 
     def sequences_per_step(self) -> int:
         """Sequences per optimizer step on each worker (known before micro_batch_size auto is)."""
@@ -618,7 +645,8 @@ def validate_loqt(loqt: LoQTConfig) -> None:
         "loqt.compensation_iters",
         f"must be >= 0 (got {loqt.compensation_iters})",
     )
-    _require(loqt.lora_alpha > 0, "loqt.lora_alpha", f"must be > 0 (got {loqt.lora_alpha})")
+    alpha = loqt.lora_alpha
+    _require(alpha is None or alpha > 0, "loqt.lora_alpha", f"must be > 0 (got {alpha})")
     _require(bool(loqt.targets), "loqt.targets", f"must name at least one of {', '.join(LINEAR_NAMES)}")
     for target in loqt.targets:
         _require(

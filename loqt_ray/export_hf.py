@@ -40,7 +40,7 @@ def load_trained(source: str | Path) -> tuple[Config, nn.Module, object]:
     tokenizer = load_tokenizer(saved) if saved.is_dir() else prepare(cfg.data).tokenizer
     model = apply_loqt(
         build_model(cfg.model.size, len(tokenizer), cfg.model.max_position_embeddings, path=cfg.model.path),
-        cfg.loqt,
+        cfg.settled_loqt(),
     )
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     try:

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from .config import LoQTConfig
+from .config import DEFAULT_LORA_ALPHA, LoQTConfig
 from .quant import NF4Tensor
 
 
@@ -356,9 +356,12 @@ class LoQTLinear(nn.Module):
 def apply_loqt(model: nn.Module, cfg: LoQTConfig, device: torch.device | str | None = None) -> nn.Module:
     """Wrap the target linears of `model` in place; method 'full' leaves it untouched. With a
     device, each linear moves there before it is quantized: NF4 quantization runs on the GPU (a 7B
-    model's is minutes on a CPU), and the device never holds more than one dense weight."""
+    model's is minutes on a CPU), and the device never holds more than one dense weight. A
+    lora_alpha of none takes DEFAULT_LORA_ALPHA: the module does not know its registry size, whose
+    measured default Config.settled_loqt() gives."""
     if cfg.method == "full":
         return model
+    scale = DEFAULT_LORA_ALPHA if cfg.lora_alpha is None else cfg.lora_alpha
     targets = [
         (name, module)
         for name, module in model.named_modules()
@@ -369,7 +372,7 @@ def apply_loqt(model: nn.Module, cfg: LoQTConfig, device: torch.device | str | N
         layer = LoQTLinear(
             linear if device is None else linear.to(device),
             cfg.rank,
-            cfg.lora_alpha,
+            scale,
             quantize=cfg.method == "loqt",
             block_size=cfg.quant_block_size,
             double_quant=cfg.double_quant,

@@ -195,7 +195,7 @@ class Trainer:
         model.config.use_cache = False  # training: no key/value cache is built
         if cfg.train.activation_checkpointing:  # before an engine wraps it; the wrapped layers too
             enable_activation_checkpointing(model)
-        self.model = apply_loqt(model, cfg.loqt, self.device).to(self.device)
+        self.model = apply_loqt(model, cfg.settled_loqt(), self.device).to(self.device)
         if not cfg.train.master_weights:  # 16-bit mode: NF4 buffers keep their own dtypes (quant.py)
             self.model.to(torch.bfloat16)
         self.model.train()

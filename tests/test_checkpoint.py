@@ -1,14 +1,16 @@
 """checkpoint.py with the plain engine, no Ray: format, finding the latest, validation, exact resume."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import nano_config
 
-from loqt_ray import checkpoint
-from loqt_ray.config import ConfigError
+from loqt_ray import checkpoint, rundir
+from loqt_ray.config import ConfigError, make_config
 from loqt_ray.engine import PlainEngine
 from loqt_ray.sink import Collect
 from loqt_ray.trainer import Trainer
@@ -80,6 +82,29 @@ def test_latest_is_by_step_not_by_name_and_bad_files_are_refused(data_dir, tmp_p
     with pytest.raises(ConfigError, match="not a loqt-ray checkpoint"):
         checkpoint.read(foreign)
     assert json.loads((tmp_path / "run" / "checkpoint_a" / checkpoint.STEP_FILE).read_text()) == {"step": 8}
+
+
+def test_a_saved_scale_resumes_under_the_default_only_where_the_default_equals_it(trained_run, tmp_path):
+    """A run saved with lora_alpha set (as every run was before the default became the model's) goes on
+    with the field unset only where the model's default is the saved value: else the scale would change
+    in the middle of the run."""
+    out = Path(shutil.copytree(trained_run[0], tmp_path / "run"))
+    saved = rundir.read_config(out)
+
+    def resumes(size, saved_alpha, alpha=None):
+        saved["model"]["size"], saved["loqt"]["lora_alpha"] = size, saved_alpha
+        (out / rundir.CONFIG_FILE).write_text(yaml.safe_dump(saved))
+        cfg = make_config({**saved, "loqt": {**saved["loqt"], "lora_alpha": alpha}})
+        try:
+            return checkpoint.resume_point(cfg, out) == checkpoint.latest(out)
+        except ConfigError as e:
+            assert "another model or loqt section" in str(e)
+            return False
+
+    assert resumes("nano", 0.25)  # nano's default is 0.25
+    assert not resumes("tiny", 0.25)  # tiny's is 0.125
+    assert resumes("tiny", 0.25, alpha=0.25) and resumes("tiny", 0.125)
+    assert not resumes("nano", 0.25, alpha=0.5)
 
 
 def test_buffers_of_another_shape_do_not_fit(data_dir):

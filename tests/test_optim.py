@@ -1,10 +1,11 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from loqt_ray import LoQTConfig, apply_loqt
-from loqt_ray.config import DEFAULT_LR, OptimConfig, load_config
+from loqt_ray.config import DEFAULT_LORA_ALPHA, DEFAULT_LR, OptimConfig, load_config
 from loqt_ray.loqt import loqt_layers
 from loqt_ray.models import build_model
 from loqt_ray.optim import PerLayerOptimizer, lr_factor, make_optimizer
@@ -62,13 +63,26 @@ def test_warmup_then_cosine_to_min_ratio():
     assert not math.isnan(lr_factor(0, load_config(None, ["train.steps=1", "optim.warmup_steps=0"])))
 
 
-def test_defaults_follow_the_reference_recipe_per_method():
-    loqt, full = load_config(None), load_config(None, ["loqt.method=full"])
+def test_defaults_follow_the_reference_recipe_per_method_and_the_quality_bench_where_it_measured():
+    loqt, full = load_config(None, ["model.size=60m"]), load_config(None, ["loqt.method=full"])
     assert (loqt.peak_lr(), full.peak_lr()) == (DEFAULT_LR["loqt"], DEFAULT_LR["full"])
     assert DEFAULT_LR["loqt"] == 1e-2 and DEFAULT_LR["loqt-nq"] == 1e-2  # the reference scripts' lr
+    assert loqt.lora_scale() == DEFAULT_LORA_ALPHA == 0.25 and loqt.loqt.lora_alpha is None
     assert (loqt.optim.grad_clip, loqt.optim.eps, loqt.loqt.quantize_projection) == (0.0, 1e-6, True)
     assert load_config(None, ["optim.lr=3e-4", "loqt.method=full"]).peak_lr() == 3e-4  # set wins
     assert load_config(None, ["train.steps=60000"]).warmup_steps() == 6000
+
+    for method in ("loqt", "loqt-nq"):  # the tiny model (the default size): the bench's tuned best
+        tiny = load_config(None, [f"loqt.method={method}"])
+        assert (tiny.peak_lr(), tiny.lora_scale()) == (3e-2, 0.125)
+        assert tiny.settled_loqt().lora_alpha == 0.125 and tiny.to_dict()["loqt"]["lora_alpha"] is None
+    nano = load_config(None, ["model.size=nano"])
+    assert (nano.peak_lr(), nano.lora_scale()) == (1e-2, 0.25)  # not measured: the recipe's
+    tiny = load_config(None, ["optim.lr=1e-3", "loqt.lora_alpha=0.5"])
+    assert (tiny.peak_lr(), tiny.lora_scale()) == (1e-3, 0.5)  # set wins
+    local = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, path="/models/llama"))
+    local = dataclasses.replace(local, optim=OptimConfig(), loqt=LoQTConfig())
+    assert (local.peak_lr(), local.lora_scale()) == (1e-2, 0.25)  # a local model's size field is unused
 
 
 @pytest.mark.parametrize("method", ["full", "loqt"])

@@ -6,6 +6,7 @@ from conftest import nano_config
 
 from loqt_ray.config import load_config
 from loqt_ray.engine import PlainEngine
+from loqt_ray.optim import lr_factor
 from loqt_ray.sink import Collect
 from loqt_ray.trainer import Trainer
 
@@ -409,3 +410,12 @@ def test_the_first_step_trains_the_wrapped_matrices(data_dir, extra):
     assert trainer.lr > 0 and trainer.counters["updates"] == 1
     for layer in trainer.layers:
         assert layer.projection_matrix().abs().sum() > 0 and layer.B.abs().sum() > 0
+
+
+def test_the_tiny_model_left_at_its_defaults_trains_at_the_quality_benchs_tuned_lr_and_scale(data_dir):
+    cfg = nano_config(data_dir, "model.size=tiny", "optim.lr=null", "train.steps=4")
+    trainer = Trainer(cfg, make_engine=PlainEngine)
+    for _ in range(2):
+        trainer.train_step()
+    assert {layer.scale for layer in trainer.layers} == {0.125}
+    assert trainer.lr > 0 and trainer.lr == pytest.approx(3e-2 * lr_factor(1, cfg))
