@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import PATH_FIELDS, ConfigError, load_config, path_value, read_yaml
+from .config import PATH_FIELDS, Config, ConfigError, from_dict, load_config, path_value, read_yaml
 from .leaderboard import leaderboard
 from .rundir import SWEEP_FILE
 from .sweep_plan import production_config
@@ -24,6 +24,25 @@ def _flatten(data: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return flat
+
+
+# The fields whose default depends on the model (config.MEASURED_DEFAULTS), and what settles them.
+MODEL_DEFAULTS = {"optim.lr": Config.peak_lr, "loqt.lora_alpha": Config.lora_scale}
+
+
+def _defaults_moved(trial: dict, cfg: Config) -> dict:
+    """The unset fields whose default the production section moved: the winner trained at its
+    model's default, the production run takes its own model's, and the export says so."""
+    ran, moved = from_dict(Config, trial), {}
+    for key, settle in MODEL_DEFAULTS.items():
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) is None and settle(ran) != settle(cfg):
+            moved[key] = [_default(settle, ran), _default(settle, cfg)]
+    return moved
+
+
+def _default(settle, cfg: Config) -> str:
+    return f"{settle(cfg):g} ({cfg.model.path or f'the {cfg.model.size} model'}'s default)"
 
 
 def export(sweep_dir: str | Path, out: str | Path) -> dict:
@@ -46,6 +65,7 @@ def export(sweep_dir: str | Path, out: str | Path) -> dict:
     cfg = production_config(trial, sweep.get("production") or {})
     data = cfg.to_dict()
     was, now = _flatten(trial), _flatten(data)
+    changed = {k: [was.get(k), now[k]] for k in now if was.get(k) != now[k]} | _defaults_moved(trial, cfg)
     data["provenance"] = {
         "sweep": str(sweep_dir),
         "trial": best["trial"],
@@ -54,7 +74,7 @@ def export(sweep_dir: str | Path, out: str | Path) -> dict:
         "params": best["params"],
         "sweep_sha256": hashlib.sha256(sweep_file.read_bytes()).hexdigest(),
         # what the production section (and loqt.rank_fraction on the new model) changed
-        "changed": {k: [was.get(k), now[k]] for k in now if was.get(k) != now[k]},
+        "changed": changed,
     }
     Path(out).write_text(yaml.safe_dump(data, sort_keys=False))
     return data

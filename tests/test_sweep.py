@@ -282,7 +282,10 @@ def test_export_resolves_a_relative_rank_on_the_production_model_and_says_what_c
     best = load_config(out)
     assert best.model.size == "60m" and best.loqt.rank == 64 and best.optim.lr == 0.004  # 0.125 of 512
     assert "  loqt.rank: 16 -> 64  (loqt.rank_fraction 0.125 of this model's hidden size)" in printed
-    assert "  model.size: tiny -> 60m" in printed and "optim.lr" not in printed
+    assert "  model.size: tiny -> 60m" in printed and "optim.lr" not in printed  # searched: carried
+    # Not searched, the scale takes the production model's default, which is not what the winner had.
+    moved = "0.125 (the tiny model's default) -> 0.25 (the 60m model's default)"
+    assert f"  loqt.lora_alpha: {moved}" in printed and best.lora_scale() == 0.25
     assert "memory on a 24 GiB GPU (scale.gpu_memory_gb): peak" in printed and ": fits;" in printed
     written = yaml.safe_load(out.read_text())
     changed = written["provenance"]["changed"]
