@@ -384,6 +384,10 @@ class SweepSettings:
     MLFLOW_TRACKING_URI is set)."""
 
 
+# The fields whose default depends on the model (MEASURED_DEFAULTS), and what settles each.
+MODEL_DEFAULTS = {"optim.lr": Config.peak_lr, "loqt.lora_alpha": Config.lora_scale}
+
+
 @dataclass
 class SweepConfig:
     """jobs/sweep.yaml: the sweep, ASHA, the trial config (model ... scale) and `production`,

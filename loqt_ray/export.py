@@ -9,7 +9,16 @@ from pathlib import Path
 
 import yaml
 
-from .config import PATH_FIELDS, Config, ConfigError, from_dict, load_config, path_value, read_yaml
+from .config import (
+    MODEL_DEFAULTS,
+    PATH_FIELDS,
+    Config,
+    ConfigError,
+    from_dict,
+    load_config,
+    path_value,
+    read_yaml,
+)
 from .leaderboard import leaderboard
 from .rundir import SWEEP_FILE
 from .sweep_plan import production_config
@@ -24,10 +33,6 @@ def _flatten(data: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return flat
-
-
-# The fields whose default depends on the model (config.MEASURED_DEFAULTS), and what settles them.
-MODEL_DEFAULTS = {"optim.lr": Config.peak_lr, "loqt.lora_alpha": Config.lora_scale}
 
 
 def _defaults_moved(trial: dict, cfg: Config) -> dict:
